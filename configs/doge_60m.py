@@ -1,0 +1,14 @@
+"""Doge-60M: 54M parameters. Published shape: 16 layers, hidden 512, ff 1024, 4 heads / 2 kv heads."""
+
+from configs import base
+
+
+def get_config():
+    config = base.get_config()
+    m = config.model
+    m.num_hidden_layers = 16
+    m.hidden_size = 512
+    m.intermediate_size = 1024
+    m.num_attention_heads = 4
+    m.num_key_value_heads = 2
+    return config

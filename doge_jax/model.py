@@ -1,0 +1,153 @@
+"""Doge for causal language modelling, in Flax NNX: what transformers' `DogeForCausalLM` computes.
+
+    h = embed(ids)
+    for each layer:
+        h = input_residual ⊙ h + dropout(attn(norm(h)))
+        h = post_attention_residual ⊙ h + dropout(mlp_or_cdmoe(norm(h)))
+    logits = norm(h) @ (embedᵀ if tied else lm_head)
+
+Parameter names mirror transformers' state dict (`layers.3.self_attn.q_proj.kernel` ↔
+`model.layers.3.self_attn.q_proj.weight`ᵀ) so the converter is a mapping, not a translation table.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from doge_jax import moe, rope
+from doge_jax import sharding as sh
+from doge_jax.attention import DogeAttention, init_cache
+from doge_jax.config import DogeConfig
+from doge_jax.layers import Dense, MLP, RMSNorm
+
+REMAT_POLICIES = {
+    "full": None,  # save nothing, recompute the layer
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_with_no_batch_dims": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+}
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class CausalLMOutput:
+    logits: jax.Array  # [B, T, V] float32
+    aux_loss: jax.Array | None = None  # MoE load balancing (unscaled), as transformers' `aux_loss`
+    router_scores: tuple[jax.Array, ...] = ()  # per MoE layer, [2, B·T, num_keys] float32
+    cache: list | None = None  # per layer {"k", "v", "dt"} when decoding with a cache
+
+
+class DecoderLayer(nnx.Module):
+
+    def __init__(self, cfg: DogeConfig, *, dtype, rngs: nnx.Rngs):
+        self.is_moe = cfg.is_moe
+        self.input_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, logical_axes=(sh.EMBED,))
+        self.self_attn = DogeAttention(cfg, dtype=dtype, rngs=rngs)
+        self.input_residual = nnx.Param(jnp.ones((cfg.hidden_size,)), logical_axes=(sh.EMBED,))
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, logical_axes=(sh.EMBED,))
+        self.mlp = moe.CDMoE(cfg, dtype=dtype, rngs=rngs) if cfg.is_moe else MLP(cfg, dtype=dtype, rngs=rngs)
+        self.post_attention_residual = nnx.Param(jnp.ones((cfg.hidden_size,)), logical_axes=(sh.EMBED,))
+        self.dropout = nnx.Dropout(cfg.hidden_dropout, deterministic=True, rngs=rngs) if cfg.hidden_dropout > 0 else None
+
+    def __call__(self, h, cos, sin, kv_mask, segment_ids, cache, cache_index):
+        attn_out, cache = self.self_attn(self.input_layernorm(h), cos, sin, kv_mask=kv_mask,
+                                         segment_ids=segment_ids, cache=cache, cache_index=cache_index)
+        if self.dropout is not None:
+            attn_out = self.dropout(attn_out)
+        h = (self.input_residual[...] * h + attn_out).astype(h.dtype)
+        mlp_out = self.mlp(self.post_attention_layernorm(h))
+        scores = None
+        if self.is_moe:
+            mlp_out, scores = mlp_out
+        if self.dropout is not None:
+            mlp_out = self.dropout(mlp_out)
+        h = (self.post_attention_residual[...] * h + mlp_out).astype(h.dtype)
+        return h, cache, scores
+
+
+class Doge(nnx.Module):
+    """The causal LM. `Doge(cfg, rngs=nnx.Rngs(0))(input_ids [B, T])` → CausalLMOutput with logits [B, T, V]."""
+
+    def __init__(self, cfg: DogeConfig, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        dtype = jnp.dtype(cfg.dtype)
+        std = cfg.initializer_range
+        emb = std * jax.random.normal(rngs.params(), (cfg.vocab_size, cfg.hidden_size))
+        if cfg.pad_token_id is not None and 0 <= cfg.pad_token_id < cfg.vocab_size:
+            emb = emb.at[cfg.pad_token_id].set(0.0)  # nn.Embedding(padding_idx) zeroes that row, as transformers
+        self.embed_tokens = nnx.Param(emb, logical_axes=(sh.VOCAB, sh.EMBED))
+        self.layers = nnx.List([DecoderLayer(cfg, dtype=dtype, rngs=rngs) for _ in range(cfg.num_hidden_layers)])
+        self.norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, logical_axes=(sh.EMBED,))
+        self.lm_head = None if cfg.tie_word_embeddings else Dense(
+            cfg.hidden_size, cfg.vocab_size, use_bias=False, logical_axes=(sh.EMBED, sh.VOCAB), init_std=std,
+            dtype=dtype, rngs=rngs)
+        self.dtype = dtype
+
+    def __call__(
+        self,
+        input_ids: jax.Array,
+        attention_mask: jax.Array | None = None,
+        *,
+        positions: jax.Array | None = None,
+        segment_ids: jax.Array | None = None,
+        cache: list | None = None,
+        cache_index: jax.Array | int | None = None,
+    ) -> CausalLMOutput:
+        """input_ids [B, T] int; attention_mask [B, T] (1 = token, 0 = padding), or with a cache [B, S_cache]
+        marking the filled slots; positions [B, T] (default 0..T-1, or cache_index.. with a cache);
+        segment_ids [B, T] for packed sequences (attention never crosses segments)."""
+        cfg = self.cfg
+        B, T = input_ids.shape
+        if positions is None:
+            start = 0 if cache is None else cache_index
+            positions = jnp.broadcast_to(start + jnp.arange(T, dtype=jnp.int32), (B, T))
+        cos, sin = rope.rope_tables(cfg, positions)
+        h = jnp.take(self.embed_tokens[...], input_ids, axis=0).astype(self.dtype)  # [B, T, D]
+
+        layer_call = lambda layer, *args: layer(*args)  # noqa: E731
+        if cfg.remat_policy != "none":
+            layer_call = nnx.remat(layer_call, policy=REMAT_POLICIES[cfg.remat_policy])
+        new_cache, all_scores = [], []
+        for i, layer in enumerate(self.layers):
+            h, layer_cache, scores = layer_call(layer, h, cos, sin, attention_mask, segment_ids,
+                                                None if cache is None else cache[i], cache_index)
+            new_cache.append(layer_cache)
+            if scores is not None:
+                all_scores.append(scores)
+        h = self.norm(h)
+        if self.lm_head is None:
+            logits = jnp.dot(h, self.embed_tokens[...].astype(h.dtype).T)
+        else:
+            logits = self.lm_head(h)
+
+        aux = None
+        if all_scores:
+            token_mask = None
+            if cache is None and attention_mask is not None:
+                token_mask = attention_mask.reshape(-1)
+            elif segment_ids is not None:
+                token_mask = (segment_ids > 0).reshape(-1)
+            aux = moe.load_balancing_loss(all_scores, cfg.num_experts, cfg.num_experts_per_tok, token_mask)
+        return CausalLMOutput(logits=logits.astype(jnp.float32), aux_loss=aux, router_scores=tuple(all_scores),
+                              cache=None if cache is None else new_cache)
+
+    def init_cache(self, batch: int, max_len: int) -> list:
+        return [init_cache(self.cfg, batch, max_len, self.dtype) for _ in range(self.cfg.num_hidden_layers)]
+
+
+def build(cfg: DogeConfig, seed: int = 0) -> Doge:
+    return Doge(cfg, rngs=nnx.Rngs(params=seed, dropout=seed + 1))
+
+
+def abstract_model(cfg: DogeConfig) -> Doge:
+    """The model with ShapeDtypeStructs instead of arrays: shapes and counts without allocating."""
+    return nnx.eval_shape(lambda: build(cfg))
+
+
+def count_params(model_or_cfg) -> int:
+    model = abstract_model(model_or_cfg) if isinstance(model_or_cfg, DogeConfig) else model_or_cfg
+    return sum(int(x.size) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
