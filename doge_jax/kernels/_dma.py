@@ -1,0 +1,226 @@
+"""dma_pallas: the fused kernel behind doge_jax.dma.dynamic_mask_attention(impl="pallas").
+
+Same inputs, masks and outputs as the reference (`doge_jax.dma`). What happens here, around the kernel:
+- layouts: R query heads folded into rows, K/V per kv head (see _flash), sequences padded to the tiles;
+- top-k thresholds (_topk): a prefix order statistic for causal/padding masks, exact chunked top_k otherwise;
+- the sparse walk (long context): keys permuted per chunk by how long they stay useful, so each query tile reads
+  about keep_window_size + chunk keys instead of the whole causal prefix;
+- rows with no allowed key (left padding, a segment with no earlier key): the reference gives them a uniform
+  average of all S values, because every score is the same float32 min. The kernel returns nothing for them and
+  `_uniform_rows` substitutes that average, with the reference's gradients (which are not zero: the reference
+  differentiates through the flat softmax).
+Falls back to the reference for: dropout (rate > 0 with an rng), a traced or per-batch q_offset (decoding with a
+cache), TPU (this kernel is written for Triton; Mosaic TPU needs a different memory layout, not done yet), and on
+GPU for tiles Triton cannot take (rows or head dim not a power of two ≥ 16).
+"""
+
+from __future__ import annotations
+
+import functools
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from doge_jax import dma
+from doge_jax.kernels import _flash, _topk
+
+_WARNED: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    if message not in _WARNED:
+        _WARNED.add(message)
+        warnings.warn(message, stacklevel=3)
+
+
+def _triton_tiles_ok(rows: int, block_k: int, head_dim: int) -> bool:
+    """Triton tiles are powers of two, and its matmuls need every dimension ≥ 16."""
+    return all(x >= 16 and x & (x - 1) == 0 for x in (rows, block_k, head_dim))
+
+
+def _static_offset(q_offset) -> int | None:
+    """q_offset as a Python int, or None when it is traced or per batch (the kernel then falls back)."""
+    if isinstance(q_offset, (int, np.integer)):
+        return int(q_offset)
+    if isinstance(q_offset, jax.core.Tracer):
+        return None
+    arr = np.asarray(q_offset)
+    return int(arr) if arr.ndim == 0 else None
+
+
+def _round_up(x: int, m: int) -> int:
+    return -(-x // m) * m
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _permute(x, perm, inverse, axis):
+    """x gathered along `axis` by perm [B, K, S]; its transpose is the gather by the inverse (no scatter-add)."""
+    return _take(x, perm, axis)
+
+
+def _take(x, idx, axis):
+    idx = jnp.expand_dims(idx, tuple(range(3, x.ndim))) if axis == 2 else idx[:, :, None, :]
+    return jnp.take_along_axis(x, idx, axis=axis)
+
+
+def _permute_fwd(x, perm, inverse, axis):
+    return _take(x, perm, axis), inverse
+
+
+def _permute_bwd(axis, inverse, g):
+    return _take(g, inverse, axis), None, None
+
+
+_permute.defvjp(_permute_fwd, _permute_bwd)
+
+
+def _uniform_rows(q, k, v, scale):
+    """[B, T, N, H]: the reference's output for a row whose every key is masked, and its derivative.
+
+    Value: the mean of v over all S keys. Derivative: the softmax Jacobian at the uniform distribution, which
+    the reference applies to the raw scores q·k·scale, i.e. (scale/S)·Σ_s (dq·k_s + q·dk_s)(v_s − v̄). Written as
+    zero-valued terms (x − stop_gradient(x)) so that no [T, S] array is formed: O(S·H²) per kv head.
+    """
+    b, t, n, h = q.shape
+    s, kh = k.shape[1], k.shape[2]
+    sg = jax.lax.stop_gradient
+    f32 = jnp.float32
+    v32, k32 = v.astype(f32), k.astype(f32)
+    v_mean = jnp.mean(v32, axis=1)  # [B, K, H]
+    v_centered = sg(v32 - v_mean[:, None])  # [B, S, K, H]
+    kv_moment = jnp.einsum("BSKH,BSKJ->BKHJ", sg(k32), v_centered)
+    kv_moment_dk = jnp.einsum("BSKH,BSKJ->BKHJ", k32 - sg(k32), v_centered)  # 0, carries dk
+    qg = q.reshape(b, t, kh, n // kh, h).astype(f32)  # [B, T, K, R, H]
+    jac = (jnp.einsum("BTKRH,BKHJ->BTKRJ", qg - sg(qg), kv_moment)
+           + jnp.einsum("BTKRH,BKHJ->BTKRJ", sg(qg), kv_moment_dk))  # 0, carries dq and dk
+    out = v_mean[:, None, :, None, :] + jac * (scale / s)
+    return out.reshape(b, t, n, h)
+
+
+def _topk_setup(dt, dt_w, valid, *, t, t_pad, w, offset, kv_mask, q_segment_ids, kv_segment_ids, sliding_window,
+                block_q, block_k, sparse, chunk):
+    """Thresholds [B, K, Gr, T_p] (None when the top-k keeps every allowed key) and the sparse plan (or None)."""
+    b, s = dt.shape[0], dt.shape[2]
+    kh, bias_rows, s_pad = dt_w.shape[1], dt_w.shape[2], dt_w.shape[3]
+    if s <= w or (sliding_window is not None and sliding_window <= w):
+        return None, None, chunk  # no row can see more than w keys
+    if q_segment_ids is not None or sliding_window is not None:
+        thr = _topk.general_thresholds(
+            jax.lax.stop_gradient(dt.astype(jnp.float32)), t, w, q_offset=offset, kv_mask=kv_mask,
+            q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids, sliding_window=sliding_window)
+        thr = jnp.pad(thr, ((0, 0), (0, 0), (0, t_pad - t)), constant_values=-jnp.inf)
+        return thr.reshape(b, kh, bias_rows, t_pad), None, chunk
+    dtm = jax.lax.stop_gradient(jnp.where(valid[:, None, None, :], dt_w, -jnp.inf))
+    thrpos = _topk.prefix_thresholds(dtm, w)  # [B, K, Gr, S_p]
+    thr = jnp.take(thrpos, jnp.clip(offset + jnp.arange(t_pad), 0, s_pad - 1), axis=-1)
+    if not (sparse if sparse is not None else s_pad >= 2 * w):
+        return thr, None, chunk
+    chunk = chunk or _topk.default_chunk(s_pad, block_k)
+    plan = _topk.sparse_plan(thrpos, dtm, q_offset=offset, n_q_tiles=t_pad // block_q, block_q=block_q,
+                             block_k=block_k, chunk=chunk)
+    return thr, plan, chunk
+
+
+def dma_pallas(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    dt: jax.Array,
+    *,
+    scale: float,
+    keep_window_size: int,
+    q_offset: jax.Array | int = 0,
+    kv_mask: jax.Array | None = None,
+    q_segment_ids: jax.Array | None = None,
+    kv_segment_ids: jax.Array | None = None,
+    sliding_window: int | None = None,
+    dropout_rate: float = 0.0,
+    dropout_rng: jax.Array | None = None,
+    interpret: bool | None = None,
+    block_q: int | None = None,
+    block_k: int | None = None,
+    sparse: bool | None = None,
+    chunk: int | None = None,
+) -> jax.Array:
+    """Fused DMA. q [B, T, N, H], k/v [B, S, K, H], dt [B, G, S] (G = K or N) → [B, T, N, H] in v's dtype.
+
+    Semantics of doge_jax.dma.dynamic_mask_attention (see the module docstring for the fallbacks).
+    block_q: query positions per tile (a tile holds block_q·N/K rows); block_k: keys per tile. sparse: walk only
+    the keys the top-k can keep (default: when the key length is at least 2·keep_window_size); chunk: its chunk
+    of key positions (default ≈ sqrt(S·block_k)). interpret=None: interpret mode on CPU.
+    """
+    b, t, n, h = q.shape
+    s, kh = k.shape[1], k.shape[2]
+    g = dt.shape[1]
+    if n % kh or g not in (kh, n) or k.shape != v.shape or dt.shape != (b, g, s) or k.shape[0] != b \
+            or k.shape[3] != h:
+        raise ValueError(f"dma_pallas: q {q.shape}, k {k.shape}, v {v.shape}, dt {dt.shape}: expected q [B,T,N,H], "
+                         "k/v [B,S,K,H] with N a multiple of K, dt [B,G,S] with G = K or N")
+    offset = _static_offset(q_offset)
+    r_heads, bias_rows = n // kh, g // kh
+    block_q = block_q or max(1, 64 // r_heads)
+    block_k = block_k or 64
+    if interpret is None:
+        interpret = jax.default_backend() == "cpu"
+    unsupported = None
+    if not interpret and jax.default_backend() == "tpu":
+        unsupported = "dma_pallas: no Mosaic TPU kernel yet; using the XLA reference on TPU"
+    elif not interpret and not _triton_tiles_ok(block_q * r_heads, block_k, h):
+        unsupported = (f"dma_pallas: Triton needs power-of-two tiles >= 16, got block_q*N/K={block_q * r_heads}, "
+                       f"{block_k=}, head_dim={h}; using the XLA reference")
+    if unsupported:
+        _warn_once(unsupported)
+    if (dropout_rate > 0.0 and dropout_rng is not None) or offset is None or unsupported:
+        return dma.dynamic_mask_attention(
+            q, k, v, dt, scale=scale, keep_window_size=keep_window_size, q_offset=q_offset, kv_mask=kv_mask,
+            q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids, sliding_window=sliding_window,
+            dropout_rate=dropout_rate, dropout_rng=dropout_rng, impl="xla")
+    if (q_segment_ids is None) != (kv_segment_ids is None):
+        raise ValueError("dma_pallas: pass both q_segment_ids and kv_segment_ids, or neither")
+
+    t_pad, s_pad = _round_up(t, block_q), _round_up(s, block_k)
+
+    valid = jnp.ones((b, s), bool) if kv_mask is None else kv_mask.astype(bool)
+    valid = jnp.pad(valid, ((0, 0), (0, s_pad - s)))  # [B, S_p]
+    kpos = jnp.where(valid, jnp.arange(s_pad, dtype=jnp.int32), _flash.NO_KEY)  # [B, S_p]
+    dt_w = jnp.pad(dt.astype(jnp.float32), ((0, 0), (0, 0), (0, s_pad - s))).reshape(b, kh, bias_rows, s_pad)
+
+    thr, plan, chunk = _topk_setup(
+        dt, dt_w, valid, t=t, t_pad=t_pad, w=keep_window_size, offset=offset, kv_mask=kv_mask,
+        q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids, sliding_window=sliding_window,
+        block_q=block_q, block_k=block_k, sparse=sparse, chunk=chunk)
+
+    q_rows = jnp.pad(q, ((0, 0), (0, t_pad - t), (0, 0), (0, 0))).reshape(b, t_pad, kh, r_heads, h)
+    q_rows = q_rows.transpose(0, 2, 1, 3, 4).reshape(b, kh, t_pad * r_heads, h)  # [B, K, T_p·R, H]
+    k_w = jnp.pad(k, ((0, 0), (0, s_pad - s), (0, 0), (0, 0))).transpose(0, 2, 1, 3)  # [B, K, S_p, H]
+    v_w = jnp.pad(v, ((0, 0), (0, s_pad - s), (0, 0), (0, 0))).transpose(0, 2, 1, 3)
+    meta = {}
+    if thr is not None:
+        thr = jnp.broadcast_to(thr, (b, kh, r_heads, t_pad)) if bias_rows == 1 else thr
+        meta["thr"] = jnp.swapaxes(thr, -1, -2).reshape(b, kh, t_pad * r_heads)  # row t·R + r
+    if q_segment_ids is not None:
+        meta["qseg"] = jnp.repeat(jnp.pad(q_segment_ids.astype(jnp.int32), ((0, 0), (0, t_pad - t))), r_heads, 1)
+        meta["kseg"] = jnp.pad(kv_segment_ids.astype(jnp.int32), ((0, 0), (0, s_pad - s)))
+    if plan is not None:
+        perm, ntab, tile_exit = plan
+        inverse = jnp.argsort(perm, axis=-1).astype(jnp.int32)
+        k_w, v_w = _permute(k_w, perm, inverse, 2), _permute(v_w, perm, inverse, 2)
+        dt_w = _permute(dt_w, perm, inverse, 3)
+        meta["kpos"] = jnp.take_along_axis(jnp.broadcast_to(kpos[:, None], perm.shape), perm, axis=-1)
+        meta["ntab"], meta["tile_exit"] = ntab, tile_exit
+    else:
+        meta["kpos"] = kpos[:, None, :]  # [B, 1, S_p]: shared by every kv head
+
+    cfg = _flash.KernelConfig(
+        scale=float(scale), block_q=block_q, block_k=block_k, heads_per_kv=r_heads, bias_rows=bias_rows,
+        q_offset=offset, sliding_window=sliding_window, chunk=chunk if plan is not None else block_k,
+        sparse=plan is not None, has_thr=thr is not None, has_segments=q_segment_ids is not None,
+        shared_kpos=plan is None, interpret=bool(interpret))
+    o, lse = _flash.fused_attention(cfg, q_rows, k_w, v_w, dt_w, meta)
+    out = o.reshape(b, kh, t_pad, r_heads, h).transpose(0, 2, 1, 3, 4).reshape(b, t_pad, n, h)[:, :t]
+    if kv_mask is not None or q_segment_ids is not None or sliding_window is not None:
+        lse = lse.reshape(b, kh, t_pad, r_heads).transpose(0, 2, 1, 3).reshape(b, t_pad, n)[:, :t]
+        out = jnp.where((lse == -jnp.inf)[..., None], _uniform_rows(q, k, v, scale).astype(out.dtype), out)
+    return out

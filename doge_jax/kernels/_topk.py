@@ -1,0 +1,156 @@
+"""DMA's top-k without a [T, S] mask: per-row thresholds, and the key order that lets the kernel skip dropped keys.
+
+The rule (doge_jax.dma.masked_bias): row t keeps an allowed key s iff dt[s] ≥ thr[t], where thr[t] is the
+keep_window_size-th (w-th) largest dt over the row's allowed keys, or −inf when the row has fewer than w of them.
+Every key tied with thr[t] is kept, exactly as the reference; torch.topk would keep an arbitrary w of them instead
+(the two differ only when dt has ties at the threshold: at initialisation A = 0 makes every dt equal, and then the
+reference, and this kernel, keep every allowed key).
+
+Causal masks with padding ("prefix" masks: allowed(t) = valid keys at positions ≤ q_offset + t) have structure:
+- thr is a running order statistic of a growing prefix, so `prefix_thresholds` computes it for every position from
+  one sort, without a [T, S] array.
+- For a query tile i starting at position p0_i, thrX_i = thr[p0_i − 1] (the w-th largest key before the tile) is a
+  lower bound of every row's threshold in the tile and is non-decreasing in i. A key s < p0_i can be kept by the
+  tile only if dt[s] ≥ thrX_i, so it is useful to tiles i < exit[s] (the first tile whose thrX exceeds dt[s]) and
+  never again. `sparse_plan` sorts the keys of each chunk of L positions by exit, latest first: tile i then needs
+  only the first ntab[i, c] keys of every chunk c that lies before it (ntab[i, c] = #{s ∈ c : exit[s] > i}), and
+  the chunk(s) it overlaps in full. About w + (S / L)·block_k/2 + L keys per tile instead of ~S/2.
+Other masks (packed segments, a sliding window longer than w) use `general_thresholds`: exact, chunked over
+queries, O(T·S) work, and the kernel then walks every causal key.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+
+from doge_jax.dma import attention_mask
+
+NEG_INF = float("-inf")
+
+
+def _prefix_kth_largest(x: jax.Array, w: int, m: int) -> jax.Array:
+    """x [S] (S a multiple of m; −inf = no key) → [S]: the w-th largest of x[:p + 1] for every p, −inf if fewer.
+
+    Blocks of m positions: A = ranks w−1−m … w−1 of the sorted prefix before the block (one cumsum over the global
+    sort per block), then each position merges A with the ≤ m sorted block values up to it. The w-th largest of
+    the union of two sorted lists is max_c min(A_(w−c), B_(c)), c keys taken from the block (A_(0) = B_(0) = +inf).
+    """
+    s = x.shape[0]
+    n_blocks = s // m
+    order = jnp.argsort(-x, stable=True)  # descending; −inf last
+    vals = x[order]
+    starts = jnp.arange(n_blocks) * m
+    in_prefix = order[None, :] < starts[:, None]  # [n_blocks, S]
+    rank = jnp.cumsum(in_prefix, axis=1, dtype=jnp.int32) - 1
+    slot = (w - 1) - rank  # c: the key is A_(w−c) of this block
+    slot = jnp.where(in_prefix & (slot >= 0) & (slot <= m), slot, m + 1)
+    tail = jnp.full((n_blocks, m + 1), NEG_INF, x.dtype)
+    tail = tail.at[jnp.arange(n_blocks)[:, None], slot].set(jnp.broadcast_to(vals, slot.shape), mode="drop")
+    c = jnp.arange(m + 1)
+    tail = jnp.where(c[None, :] > w - 1, jnp.inf, tail)  # A_(w−c) with w−c ≤ 0: +inf
+    blk = x.reshape(n_blocks, m)
+    u = jnp.arange(m)
+    upto = jnp.where(u[None, None, :] <= u[None, :, None], blk[:, None, :], NEG_INF)  # [n_blocks, m (p), m (s)]
+    upto = -jnp.sort(-upto, axis=-1)  # B_(1..m) of each position
+    upto = jnp.concatenate([jnp.full((n_blocks, m, 1), jnp.inf, x.dtype), upto], axis=-1)  # B_(0) = +inf
+    kth = jnp.max(jnp.minimum(tail[:, None, :], upto), axis=-1)  # [n_blocks, m]
+    return kth.reshape(s)
+
+
+def prefix_thresholds(dtm: jax.Array, w: int, *, block: int = 128, batch: int = 4) -> jax.Array:
+    """dtm [..., S] fp32 with −inf where there is no key → [..., S]: w-th largest of dtm[..., :p + 1] per position p.
+
+    Exact (ties included). Memory O(S²/block + S·block) per row, rows mapped `batch` at a time.
+    """
+    *lead, s = dtm.shape
+    m = min(block, s)
+    s_pad = -(-s // m) * m
+    x = jnp.pad(dtm.reshape(-1, s), ((0, 0), (0, s_pad - s)), constant_values=NEG_INF)
+    out = jax.lax.map(lambda row: _prefix_kth_largest(row, w, m), x, batch_size=min(batch, x.shape[0]))
+    return out[:, :s].reshape(*lead, s)
+
+
+def general_thresholds(
+    dt: jax.Array,
+    q_len: int,
+    w: int,
+    *,
+    q_offset: int,
+    kv_mask: jax.Array | None,
+    q_segment_ids: jax.Array | None,
+    kv_segment_ids: jax.Array | None,
+    sliding_window: int | None,
+    chunk: int = 128,
+) -> jax.Array:
+    """Any mask of `attention_mask`: dt [B, G, S] → thr [B, G, T], −inf for rows with fewer than w allowed keys.
+
+    The reference's top_k, one chunk of query rows at a time: exact, O(T·S·log w) work, [B, G, chunk, S] memory.
+    """
+    b, g, s = dt.shape
+    chunk = min(chunk, q_len)
+    n_chunks = -(-q_len // chunk)
+    qseg = None
+    if q_segment_ids is not None:
+        qseg = jnp.pad(q_segment_ids, ((0, 0), (0, n_chunks * chunk - q_len)))
+
+    def one(c):
+        seg_c = None if qseg is None else jax.lax.dynamic_slice_in_dim(qseg, c * chunk, chunk, axis=1)
+        allowed = attention_mask(b, chunk, s, q_offset=q_offset + c * chunk, kv_mask=kv_mask, q_segment_ids=seg_c,
+                                 kv_segment_ids=kv_segment_ids, sliding_window=sliding_window)  # [B, chunk, S]
+        m = jnp.where(allowed[:, None], dt[:, :, None, :], NEG_INF)  # [B, G, chunk, S]
+        return jax.lax.top_k(m, w)[0][..., -1]  # [B, G, chunk]
+
+    thr = jax.lax.map(one, jnp.arange(n_chunks))  # [n_chunks, B, G, chunk]
+    return jnp.moveaxis(thr, 0, 2).reshape(b, g, n_chunks * chunk)[..., :q_len]
+
+
+def default_chunk(n_keys: int, block_k: int) -> int:
+    """L ≈ sqrt(S·block_k) balances the per-chunk tail waste (S/L · block_k/2) against the own chunk (L/2)."""
+    blocks = max(1, 2 ** round(math.log2(max(1.0, math.sqrt(n_keys / block_k)))))
+    return block_k * min(blocks, -(-n_keys // block_k))
+
+
+def sparse_plan(
+    thrpos: jax.Array, dtm: jax.Array, *, q_offset: int, n_q_tiles: int, block_q: int, block_k: int, chunk: int,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """The key order and visit counts of the sparse walk.
+
+    thrpos, dtm [B, K, Gr, S] (thresholds per position, dt with −inf for invalid keys; Gr bias rows per kv head).
+    Returns perm [B, K, S] (keys by chunk, then exit latest first), ntab [B, K, n_q_tiles, n_chunks] (keys of each
+    chunk that tile i walks) and tile_exit [B, K, S / block_k] (first tile no longer needing each block of the
+    permuted order, which the dK/dV pass uses as its loop bound).
+    """
+    s = dtm.shape[-1]
+    p0 = q_offset + jnp.arange(n_q_tiles) * block_q
+    before = jnp.take(thrpos, jnp.clip(p0 - 1, 0, s - 1), axis=-1)
+    thr_x = jnp.where(p0 > 0, before, NEG_INF)  # [B, K, Gr, n_q_tiles], non-decreasing
+    search = jnp.vectorize(lambda a, v: jnp.searchsorted(a, v, side="right"), signature="(n),(s)->(s)")
+    exit_ = search(thr_x, dtm).astype(jnp.int32)  # tiles i with thr_x[i] ≤ dt[s]
+    exit_ = jnp.where(dtm == NEG_INF, 0, exit_).max(axis=2)  # [B, K, S]: a key any head of the group may keep
+    chunk_of = jnp.arange(s, dtype=jnp.int32) // chunk
+    perm = jnp.argsort(chunk_of * (n_q_tiles + 1) + (n_q_tiles - exit_), axis=-1, stable=True).astype(jnp.int32)
+    tile_exit = jnp.take_along_axis(exit_, perm, axis=-1)[..., ::block_k]
+    n_chunks = -(-s // chunk)
+    b, k = exit_.shape[:2]
+    hist = jnp.zeros((b, k, n_chunks, n_q_tiles + 1), jnp.int32)
+    hist = hist.at[jnp.arange(b)[:, None, None], jnp.arange(k)[None, :, None], chunk_of, exit_].add(1)
+    # ntab[i, c] = #{s ∈ c : exit[s] > i}
+    ntab = jnp.flip(jnp.cumsum(jnp.flip(hist, -1), axis=-1), -1)[..., 1:]  # [B, K, n_chunks, n_q_tiles]
+    return perm, jnp.swapaxes(ntab, -1, -2), tile_exit
+
+
+def walked_keys(ntab: jax.Array, *, n_keys: int, q_offset: int, block_q: int, block_k: int, chunk: int) -> jax.Array:
+    """Keys the sparse walk reads per query tile: ntab [..., n_q_tiles, n_chunks] → [..., n_q_tiles] (FLOP count)."""
+    n_q_tiles, n_chunks = ntab.shape[-2:]
+    p_first = q_offset + jnp.arange(n_q_tiles) * block_q
+    c_first = jnp.minimum(p_first // chunk, n_chunks)
+    c_last = jnp.minimum((p_first + block_q - 1) // chunk, n_chunks - 1)
+    c = jnp.arange(n_chunks)
+    size = jnp.minimum(chunk, n_keys - c * chunk)
+    head = -(-ntab // block_k) * block_k
+    before = c[None, :] < c_first[:, None]
+    overlap = (c[None, :] >= c_first[:, None]) & (c[None, :] <= c_last[:, None])
+    return jnp.sum(jnp.where(before, head, 0) + jnp.where(overlap, size, 0), axis=-1)
