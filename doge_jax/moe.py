@@ -17,8 +17,6 @@ has both of its coordinates in its side's top-k.
 
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -47,6 +45,15 @@ def select_experts(scores: jax.Array, num_keys: int, top_k: int) -> tuple[jax.Ar
     return best, jnp.take_along_axis(pair_index, pos, axis=-1)
 
 
+def select_experts_auto(scores: jax.Array, num_keys: int, top_k: int) -> tuple[jax.Array, jax.Array]:
+    """`select_experts`, run per token shard (`doge_jax.moe_parallel`) when traced under `jax.set_mesh(mesh)`."""
+    from doge_jax import moe_parallel  # moe_parallel imports this module
+
+    if not jax.sharding.get_abstract_mesh().empty:
+        return moe_parallel.sharded_select_experts(scores, num_keys, top_k)
+    return select_experts(scores, num_keys, top_k)
+
+
 def routing_weights(expert_scores: jax.Array, norm_topk_prob: bool) -> jax.Array:
     w = jax.nn.softmax(expert_scores.astype(jnp.float32), axis=-1)
     if norm_topk_prob:
@@ -63,6 +70,17 @@ def experts_reference(h: jax.Array, indices: jax.Array, weights: jax.Array, down
     return jnp.einsum("Mk,MkD->MD", a, up)
 
 
+def experts_auto(h: jax.Array, indices: jax.Array, weights: jax.Array, down_embed: jax.Array,
+                 up_embed: jax.Array, act) -> jax.Array:
+    """The default `experts_fn`: expert-parallel (`doge_jax.moe_parallel`) when traced under `jax.set_mesh(mesh)`
+    with an `expert` axis > 1, else `experts_reference`. Same shapes as `experts_reference`."""
+    from doge_jax import moe_parallel  # moe_parallel imports this module
+
+    if moe_parallel.expert_axis_size(jax.sharding.get_abstract_mesh()) > 1:
+        return moe_parallel.expert_parallel_experts(h, indices, weights, down_embed, up_embed, act)
+    return experts_reference(h, indices, weights, down_embed, up_embed, act)
+
+
 class CDMoE(MLP):
     """The shared MLP (inherited, so its parameters are named as in a dense layer) plus the routed experts."""
 
@@ -76,15 +94,16 @@ class CDMoE(MLP):
         self.down_embed = nnx.Param(std * jax.random.normal(rngs.params(), (E, D)), logical_axes=(sh.EXPERTS, sh.EMBED))
         self.up_embed = nnx.Param(std * jax.random.normal(rngs.params(), (E, D)), logical_axes=(sh.EXPERTS, sh.EMBED))
         self.dtype = dtype
-        # Swappable expert computation (an expert-parallel shard_map version replaces it on a mesh).
-        self.experts_fn = experts_reference
+        # Swappable expert computation: experts_auto picks the expert-parallel shard_map version under a mesh
+        # set with jax.set_mesh; moe_parallel.use_expert_parallel(model, mesh) sets it explicitly.
+        self.experts_fn = experts_auto
 
     def __call__(self, h: jax.Array) -> tuple[jax.Array, jax.Array]:
         """h [B, T, D] → (out [B, T, D], router scores [2, B·T, nk] as routed, float32)."""
         cfg = self.cfg
         B, T, D = h.shape
         scores = router_scores(self.router_gate(h).astype(jnp.float32), cfg.router_layout)  # [2, B·T, nk]
-        expert_scores, indices = select_experts(scores, cfg.num_keys, cfg.num_experts_per_tok)
+        expert_scores, indices = select_experts_auto(scores, cfg.num_keys, cfg.num_experts_per_tok)
         weights = routing_weights(expert_scores, cfg.norm_topk_prob)
         routed = self.experts_fn(h.reshape(B * T, D), indices, weights, self.down_embed[...], self.up_embed[...],
                                  self.act)
@@ -110,7 +129,7 @@ def load_balancing_loss(router_scores_per_layer: list[jax.Array], num_experts: i
         scores = scores.astype(jnp.float32)
         M = scores.shape[1]
         w = jnp.ones((M,), jnp.float32) if token_mask is None else token_mask.reshape(M).astype(jnp.float32)
-        _, idx = select_experts(scores, nk, top_k)  # [M, k]
+        _, idx = select_experts_auto(scores, nk, top_k)  # [M, k]
         assign_total += jnp.zeros((num_experts,), jnp.float32).at[idx.reshape(-1)].add(
             jnp.repeat(w, top_k))
         px, py = jax.nn.softmax(scores[0], axis=-1), jax.nn.softmax(scores[1], axis=-1)  # [M, nk]
@@ -133,3 +152,29 @@ def router_z_loss(router_scores_per_layer: list[jax.Array], token_mask: jax.Arra
             w = token_mask.reshape(-1).astype(jnp.float32)
             total += jnp.sum(z * w) / jnp.maximum(2 * jnp.sum(w), 1.0)
     return total / len(router_scores_per_layer)
+
+
+def routing_stats(router_scores_per_layer: list[jax.Array], num_experts: int, top_k: int,
+                  token_mask: jax.Array | None = None) -> dict[str, jax.Array]:
+    """Routing statistics for the training metrics, each averaged over the MoE layers (float32 scalars).
+
+    router_scores_per_layer: [2, M, nk] per layer (`CausalLMOutput.router_scores`); token_mask [M] (1 = real
+    token) as in `load_balancing_loss`. Returns
+      experts_used        fraction of the num_experts experts that got at least one (token, slot) assignment
+      load_max            the most assignments any one expert got
+      load_mean           assignments per expert on average (= tokens · top_k / num_experts)
+      load_max_over_mean  load_max / load_mean: 1 is perfectly balanced, num_experts is one expert taking all
+    """
+    used, load_max, load_mean, ratio = [], [], [], []
+    for scores in router_scores_per_layer:
+        M = scores.shape[1]
+        w = jnp.ones((M,), jnp.float32) if token_mask is None else token_mask.reshape(M).astype(jnp.float32)
+        _, idx = select_experts_auto(scores.astype(jnp.float32), scores.shape[-1], top_k)  # [M, k]
+        load = jnp.zeros((num_experts,), jnp.float32).at[idx.reshape(-1)].add(jnp.repeat(w, top_k))  # [E]
+        used.append(jnp.mean((load > 0).astype(jnp.float32)))
+        load_max.append(jnp.max(load))
+        load_mean.append(jnp.sum(load) / num_experts)
+        ratio.append(load_max[-1] / jnp.maximum(load_mean[-1], 1e-9))
+    mean = lambda xs: jnp.mean(jnp.stack(xs))  # noqa: E731
+    return {"experts_used": mean(used), "load_max": mean(load_max), "load_mean": mean(load_mean),
+            "load_max_over_mean": mean(ratio)}
