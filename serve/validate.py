@@ -1,0 +1,124 @@
+"""From a decoded request to what the engine runs: token ids and `SamplingParams`, or an `APIError` (4xx).
+
+Range checks live on the Structs (protocol.py); the checks here need the model: its name, its chat template,
+its tokenizer's vocabulary and its context length.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from serve.errors import APIError, invalid
+from serve.protocol import ChatCompletionRequest, ChatMessage, CompletionRequest
+from serve.sampling import SamplingParams
+
+
+def check_model(requested: str | None, served: str) -> None:
+    if requested is not None and requested != served:
+        raise APIError(
+            404,
+            f"The model '{requested}' does not exist; this server serves '{served}'",
+            param="model",
+            code="model_not_found",
+        )
+
+
+def chat_prompt(tokenizer, messages: list[ChatMessage], add_generation_prompt: bool = True) -> list[int]:
+    """Render `messages` with the model's chat template and tokenize; 400 when the model has none."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise APIError(
+            400,
+            "This model has no chat template: start the server with --chat-template FILE, or use /v1/completions",
+            param="messages",
+            code="chat_template_missing",
+        )
+    conversation = [{"role": m.role, "content": m.text()} for m in messages]
+    try:
+        text = tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=add_generation_prompt)
+    except Exception as exc:  # the template's own checks (e.g. "roles must alternate") raise from Jinja
+        raise APIError(400, f"The chat template rejected the messages: {exc}", param="messages") from None
+    # The template already wrote BOS and the turn markers; tokenizing must not add them again.
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def completion_prompts(tokenizer, prompt: Any) -> list[list[int]]:
+    """OpenAI's four prompt forms: "text", ["text", ...], [ids], [[ids], ...]."""
+    vocab = len(tokenizer)
+
+    def ids(value: list, where: str) -> list[int]:
+        for i, t in enumerate(value):
+            if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab:
+                raise invalid(f"{where}[{i}]", t, f"expected a token id in [0, {vocab})")
+        return value
+
+    def text(value: str) -> list[int]:
+        return tokenizer(value, add_special_tokens=True)["input_ids"]
+
+    if isinstance(prompt, str):
+        prompts = [text(prompt)]
+    elif prompt and all(isinstance(p, str) for p in prompt):
+        prompts = [text(p) for p in prompt]
+    elif prompt and all(isinstance(p, int) and not isinstance(p, bool) for p in prompt):
+        prompts = [ids(prompt, "prompt")]
+    elif prompt and all(isinstance(p, list) for p in prompt):
+        prompts = [ids(p, f"prompt[{i}]") for i, p in enumerate(prompt)]
+    else:
+        raise invalid("prompt", prompt, "expected a string, a list of strings, a list of token ids or a list of those")
+    bos = getattr(tokenizer, "bos_token_id", None)
+    for i, p in enumerate(prompts):
+        if not p:
+            if bos is None:
+                raise invalid("prompt", "", "expected a non-empty prompt: the tokenizer has no BOS token to start from")
+            prompts[i] = [bos]
+    return prompts
+
+
+def resolve_max_tokens(
+    prompts: list[list[int]], requested: int | None, default: int | None, max_model_len: int, param: str
+) -> int:
+    """The generation budget, or 400 `context_length_exceeded` when prompt + budget exceed the context."""
+    longest = max(len(p) for p in prompts)
+    room = max_model_len - longest
+    if room < 1 or (requested is not None and requested > room):
+        wanted = longest + (requested or 1)
+        raise APIError(
+            400,
+            f"This model's maximum context length is {max_model_len} tokens. However, you requested {wanted} tokens "
+            f"({longest} in the {param}, {requested or 1} in the completion). Please reduce the length of the "
+            f"{param} or completion.",
+            param=param,
+            code="context_length_exceeded",
+        )
+    if requested is not None:
+        return requested
+    return min(default, room) if default else room
+
+
+def sampling_params(req: ChatCompletionRequest | CompletionRequest, max_tokens: int, logprobs: int | None):
+    stop = req.stop if isinstance(req.stop, list) else ([req.stop] if req.stop else [])
+    return SamplingParams(
+        max_tokens=max_tokens,
+        temperature=1.0 if req.temperature is None else req.temperature,
+        top_p=1.0 if req.top_p is None else req.top_p,
+        top_k=max(req.top_k or 0, 0),
+        min_p=req.min_p or 0.0,
+        repetition_penalty=1.0 if req.repetition_penalty is None else req.repetition_penalty,
+        presence_penalty=req.presence_penalty or 0.0,
+        frequency_penalty=req.frequency_penalty or 0.0,
+        stop=tuple(stop),
+        seed=req.seed,
+        logprobs=logprobs,
+        ignore_eos=req.ignore_eos,
+        min_tokens=min(req.min_tokens, max_tokens),
+    )
+
+
+def chat_logprobs(req: ChatCompletionRequest) -> int | None:
+    if req.top_logprobs is not None and not req.logprobs:
+        raise invalid("top_logprobs", req.top_logprobs, "requires 'logprobs': true")
+    return (req.top_logprobs or 0) if req.logprobs else None
+
+
+def check_choices(choices: int, max_batch: int, param: str = "n") -> None:
+    if choices > max_batch:
+        raise invalid(param, choices, f"prompts x n must be at most this server's max_batch={max_batch}")

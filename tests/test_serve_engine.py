@@ -1,0 +1,144 @@
+"""The batching engine in-process: batched decoding equals one-at-a-time decoding, rows join and leave freely,
+sampling is per-row and seeded per request, and cancelled requests leave the batch."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import torch
+
+from serve.engine import Engine, Overloaded
+from serve.kv_batch import KVBatch
+from serve.sampling import RowState, SamplingParams, make_generator, sample
+
+from serve_fixtures import tiny_model_dir  # noqa: F401  (pytest fixture)
+
+ATOL = 1e-4  # float32 logits of a 2-layer model: batched vs single differ by ~1e-7
+
+
+@pytest.fixture(scope="module")
+def model_and_tokenizer(tiny_model_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the Engine sets it too; restored for whatever tests run next in this process
+    yield AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval(), AutoTokenizer.from_pretrained(tiny_model_dir)
+    torch.set_num_threads(threads)
+
+
+def reference_logits(model, prompt: list[int], continuation: list[int]) -> torch.Tensor:
+    """Next-token logits after prompt + continuation[:k] for every k, from one cache-free forward. [len+1, V]"""
+    ids = torch.tensor([prompt + continuation])
+    with torch.inference_mode():
+        logits = model(input_ids=ids).logits[0]
+    return logits[len(prompt) - 1 :]
+
+
+def test_rows_joining_and_leaving_match_full_forward(model_and_tokenizer):
+    model, _ = model_and_tokenizer
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(5, 500, (n,), generator=g).tolist() for n in (3, 11, 6)]
+    produced: list[list[int]] = [[], [], []]
+    logits_seen: list[list[torch.Tensor]] = [[], [], []]
+    batch, rows = KVBatch(model), []
+
+    def join(i):
+        new, logits = KVBatch(model).prefill([prompts[i]])
+        batch.merge(new)
+        rows.append(i)
+        step_out(i, logits[0])
+
+    def step_out(i, logits):
+        logits_seen[i].append(logits)
+        produced[i].append(int(torch.randint(5, 500, (1,), generator=g)))  # any token: teacher forcing
+
+    join(0)
+    for step in range(9):
+        if step == 2:
+            join(1)
+        if step == 4:
+            join(2)
+        if step == 6:  # row 0 leaves; the cache drops its columns
+            keep = [k for k, i in enumerate(rows) if i != 0]
+            batch.select(keep)
+            rows = [rows[k] for k in keep]
+        logits = batch.decode([produced[i][-1] for i in rows])
+        for k, i in enumerate(rows):
+            step_out(i, logits[k])
+    for i in range(3):
+        ref = reference_logits(model, prompts[i], produced[i][:-1])
+        got = torch.stack(logits_seen[i])
+        torch.testing.assert_close(got, ref, atol=ATOL, rtol=0)
+
+
+def test_batched_prefill_with_left_padding_and_repeat(model_and_tokenizer):
+    model, _ = model_and_tokenizer
+    prompts = [[7, 8, 9], [10, 11, 12, 13, 14, 15, 16]]
+    batch, logits = KVBatch(model).prefill(prompts)
+    for i, p in enumerate(prompts):
+        torch.testing.assert_close(logits[i], reference_logits(model, p, [0])[0], atol=ATOL, rtol=0)
+    batch.repeat_rows([2, 1])
+    assert batch.rows == 3
+    out = batch.decode([20, 21, 22])
+    torch.testing.assert_close(out[1], reference_logits(model, prompts[0], [21, 0])[1], atol=ATOL, rtol=0)
+    torch.testing.assert_close(out[2], reference_logits(model, prompts[1], [22, 0])[1], atol=ATOL, rtol=0)
+
+
+def test_sampling_is_per_row_and_seeded():
+    logits = torch.randn(3, 50, generator=torch.Generator().manual_seed(1))
+    params = [SamplingParams(max_tokens=1, temperature=0.0), SamplingParams(max_tokens=1, top_k=1),
+              SamplingParams(max_tokens=1, temperature=1.0, seed=5)]
+    rows = [RowState(p, make_generator(p.seed), [1, 2]) for p in params]
+    first = sample(logits, rows, eos_ids=[]).token_ids
+    assert first[0] == int(logits[0].argmax()) and first[1] == int(logits[1].argmax())
+    same = logits[2:].repeat(3, 1)  # [3, V]
+    again = sample(same, [RowState(params[2], make_generator(5), [1, 2]) for _ in range(3)], eos_ids=[]).token_ids
+    assert again == [first[2]] * 3  # the same seed draws the same token on any row
+
+
+def test_filters_restrict_the_support():
+    logits = torch.tensor([[5.0, 4.0, 3.0, -10.0, -10.0]])
+    for p, allowed in [(SamplingParams(max_tokens=1, top_k=2), {0, 1}),
+                       (SamplingParams(max_tokens=1, top_p=0.5), {0}),
+                       (SamplingParams(max_tokens=1, min_p=0.3), {0, 1})]:
+        seen = {sample(logits, [RowState(p, make_generator(s), [])], []).token_ids[0] for s in range(40)}
+        assert seen <= allowed and len(seen) == len(allowed)
+    p = SamplingParams(max_tokens=1, temperature=0.0, repetition_penalty=100.0)
+    assert sample(logits, [RowState(p, make_generator(0), [0])], []).token_ids == [1]
+    p = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
+    assert sample(logits, [RowState(p, make_generator(0), [])], eos_ids=[0]).token_ids == [1]
+
+
+def test_engine_batches_cancels_and_bounds_the_queue(model_and_tokenizer):
+    model, tokenizer = model_and_tokenizer
+    engine = Engine(model, tokenizer, max_batch=4, max_queue=2, threads=1)
+
+    async def run():
+        long = SamplingParams(max_tokens=450, temperature=0.0, ignore_eos=True)
+        handles = [engine.submit([[5, 6, 7 + i]], long) for i in range(4)]  # all queued before the worker runs
+        waiting = engine.submit([[9]], SamplingParams(max_tokens=3, ignore_eos=True), n=2)
+        with pytest.raises(Overloaded):
+            engine.submit([[9]], SamplingParams(max_tokens=3))
+        engine.start()
+        streams = [h.deltas() for h in handles]
+        for _ in range(2):  # the first deltas come from the prefill, the second from a decode step
+            await asyncio.gather(*(s.__anext__() for s in streams))
+        assert engine.peak_rows == 4  # prefilled together, decoded as one batch of four
+        for h in handles:
+            h.cancel()
+        texts = ["".join(d.text for batch in [x async for x in waiting.deltas()] for d in batch)]
+        assert waiting.completion_tokens == 6 and texts
+        for s in streams:
+            await s.aclose()
+        for _ in range(100):
+            if engine.num_running == 0:
+                break
+            await asyncio.sleep(0.01)
+        assert engine.num_running == 0 and engine._in_flight == 0
+        assert all(h.completion_tokens < 450 for h in handles)
+
+    try:
+        asyncio.run(run())
+    finally:
+        engine.stop()

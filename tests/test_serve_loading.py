@@ -1,0 +1,76 @@
+"""Model loading: a local dir, a Hub id (from a pre-filled Hub cache, never the network), and a clear failure."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from serve_fixtures import REPO, tiny_model_dir  # noqa: F401  (pytest fixture)
+
+
+def _fake_hub_cache(cache, model_dir, repo_id: str) -> None:
+    """Lay `model_dir` out the way huggingface_hub caches a download of `repo_id`."""
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    root = cache / ("models--" + repo_id.replace("/", "--"))
+    (root / "refs").mkdir(parents=True)
+    (root / "refs" / "main").write_text(commit)
+    shutil.copytree(model_dir, root / "snapshots" / commit)
+
+
+def _run(code: str, env_extra: dict) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONPATH": str(REPO), **env_extra}
+    return subprocess.run([sys.executable, "-c", code], env=env, cwd=REPO, capture_output=True, text=True,
+                          timeout=120)
+
+
+def test_hub_id_loads_through_from_pretrained(tiny_model_dir, tmp_path):
+    _fake_hub_cache(tmp_path / "hub", tiny_model_dir, "doge-test/tiny-doge")
+    code = (
+        "from serve.loading import load\n"
+        "from serve.config import ServeConfig\n"
+        "model, tok = load('doge-test/tiny-doge', revision='main')\n"
+        "print(model.config.model_type, type(model).__name__, bool(tok.chat_template),"
+        " ServeConfig(model='doge-test/tiny-doge').model_name)\n"
+        "import sys; assert 'jax' not in sys.modules and 'doge_jax' not in sys.modules\n"
+    )
+    out = _run(code, {"HF_HUB_CACHE": str(tmp_path / "hub")})
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.split() == ["doge", "DogeForCausalLM", "True", "doge-test/tiny-doge"]
+
+
+def test_serve_never_imports_jax(tiny_model_dir):
+    code = (
+        "import sys\n"
+        "import serve.app, serve.engine, serve.__main__\n"
+        "from serve.loading import load\n"
+        f"load({str(tiny_model_dir)!r})\n"
+        "bad = [m for m in sys.modules if m == 'jax' or m.startswith(('jax.', 'doge_jax'))]\n"
+        "assert not bad, bad\n"
+    )
+    out = _run(code, {})
+    assert out.returncode == 0, out.stderr[-3000:]
+
+
+def test_missing_model_fails_with_a_clear_message(tmp_path):
+    from serve_fixtures import _free_port
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO), "HF_HUB_CACHE": str(tmp_path)}
+    out = subprocess.run(
+        [sys.executable, "-m", "serve", "--model", "nobody/no-such-model", "--port", str(_free_port())],
+        env=env, cwd=REPO, capture_output=True, text=True, timeout=120,
+    )
+    assert out.returncode != 0
+    assert "cannot load model 'nobody/no-such-model'" in out.stderr
+
+
+@pytest.mark.parametrize("argv, message", [(["--max-batch", "0"], "max_batch=0"), (["--dtype", "int8"], "int8")])
+def test_bad_flags(argv, message, capsys):
+    from serve.__main__ import parse_args
+
+    with pytest.raises((SystemExit, ValueError)) as exc:
+        parse_args(["--model", "x", *argv])
+    assert message in str(exc.value) + capsys.readouterr().err
