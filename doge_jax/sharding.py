@@ -93,7 +93,7 @@ def state_shardings(state: nnx.State, mesh: Mesh, rules=RULES) -> Any:
 
     def one(v):
         spec = logical_to_spec(v.get_metadata().get("logical_axes"), rules)
-        return NamedSharding(mesh, fit_spec(spec, v.value.shape, mesh))
+        return NamedSharding(mesh, fit_spec(spec, v.get_value().shape, mesh))
 
     return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
 

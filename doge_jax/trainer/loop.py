@@ -1,0 +1,414 @@
+"""The Trainer: sets a run up on a mesh, starts or resumes it, and runs the train loop.
+
+    Trainer(config, workdir).run()                               # pretraining (doge_jax.train)
+    Trainer(config, workdir, loss_fn=dpo_loss, batch_source=pairs, tokenizer=tok).run()   # a later stage
+
+Where a run starts, in order: the latest checkpoint in WORKDIR (automatic resume: params, optimizer, step,
+RNG, data position); else `config.resume_from` (the same, from another run: branch a decay off a stable-phase
+checkpoint); else `config.init_from` (params only, fresh optimizer at step 0: fine-tuning, or a model from
+`convert from-hf`); else a fresh initialisation from `config.seed`.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+import os
+import shutil
+import signal
+import tempfile
+import threading
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from jax.experimental import multihost_utils
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from doge_jax import checkpoint as ckpt
+from doge_jax import model as model_lib
+from doge_jax import sharding as sh
+from doge_jax.trainer import checkpointing, flops, metrics, optim, step as step_lib, validate
+from doge_jax.trainer.batches import BatchSource, ShardedBatches, microbatch_sharding
+from doge_jax.trainer.mesh import data_parallel_size, make_mesh
+from doge_jax.trainer.validate import ConfigError
+
+PREEMPTED_EXIT_CODE = 143  # 128 + SIGTERM: schedulers read it as "killed", so a requeue policy reruns the job
+
+
+class TrainingDiverged(RuntimeError):
+    """A non-finite loss or gradient norm; the message names the last good checkpoint."""
+
+
+def _data_error(e: Exception) -> ConfigError:
+    msg = str(e)
+    return ConfigError(f"config.{msg}" if msg.startswith("data.") else msg)
+
+
+def pretrain_source(config, tokenizer) -> BatchSource:
+    """The pretraining batch source: doge_jax.data's packed grain pipeline over config.data."""
+    from doge_jax import data
+
+    def make(*, split, shard_index, shard_count, rows, num_batches=None):
+        try:
+            return data.make_iterator(config.data, tokenizer, seq_len=config.seq_len, batch_size=rows, split=split,
+                                      process_index=shard_index, process_count=shard_count, seed=config.seed,
+                                      num_batches=num_batches)
+        except ValueError as e:
+            raise _data_error(e) from None
+
+    return make
+
+
+def _concrete(state) -> dict:
+    """Abstract non-Param model state (RNG streams) → a pure dict of placeholder values; the step reseeds
+    them. Values, not Variables: the step's merge must create its Variables inside the trace it mutates in."""
+    def one(x):
+        if isinstance(x, jax.ShapeDtypeStruct):
+            if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+                return jax.random.key(0)
+            return jnp.zeros(x.shape, x.dtype)
+        return x
+    return jax.tree.map(one, nnx.to_pure_dict(state))
+
+
+class Trainer:
+
+    def __init__(self, config, workdir: str, *, loss_fn: step_lib.LossFn | None = None,
+                 batch_source: BatchSource | None = None, tokenizer=None, mesh=None):
+        """config: the ml_collections config (configs/base.py); workdir: where checkpoints, the tokenizer and
+        the logs go. loss_fn(model, micro_batch, rng) -> (loss, metrics) and batch_source (see batches.py)
+        replace pretraining's; tokenizer is saved into WORKDIR/tokenizer (default: config.data.tokenizer)."""
+        self.config = config
+        self.workdir = os.path.abspath(os.path.expanduser(workdir))
+        self.loss_fn = loss_fn or functools.partial(step_lib.pretrain_loss, z_loss_coef=config.z_loss_coef)
+        self._batch_source, self.tokenizer, self._mesh = batch_source, tokenizer, mesh
+        validate.check(config, validate.model_config(config.model))
+        self._stop_requested = False
+        self.stopped = False  # set by run(): stopped by SIGTERM / preemption rather than finished
+
+    # ----------------------------------------------------------------------------------------------------- setup
+    def _where_to_start(self):
+        cfg = self.config
+        latest = self.checkpointer.latest_step()
+        if latest is not None:
+            return "resume", ckpt.CheckpointRef(self.checkpointer.root, latest)
+        for kind, field in (("resume", "resume_from"), ("init", "init_from")):
+            if cfg[field]:
+                try:
+                    return kind, ckpt.resolve(cfg[field])
+                except (FileNotFoundError, ValueError) as e:
+                    raise ConfigError(f"config.{field}: {e}") from None
+        return "scratch", None
+
+    def _model_config(self, kind, ref):
+        cfg = self.config
+        model_cfg = validate.model_config(cfg.model)
+        if self.tokenizer is not None:  # the ids travel with the checkpoint into config.json / generation_config
+            ids = {f"{t}_token_id": getattr(self.tokenizer, f"{t}_token_id", None) for t in ("bos", "eos", "pad")}
+            model_cfg = model_cfg.replace(**{k: v for k, v in ids.items()
+                                             if v is not None and getattr(model_cfg, k) is None})
+        if ref is not None:
+            stored = ckpt.load_config(ref)
+            diff = validate.architecture_diff(model_cfg, stored)
+            if kind == "resume" and diff:
+                name, mine, theirs = diff[0]
+                raise ConfigError(f"config.model.{name}={mine!r} but the checkpoint {ref.root}/{ref.step} has "
+                                  f"{theirs!r}; resume with the same model or use a new --workdir")
+            if kind == "init" and diff:
+                logging.info("init_from %s: architecture from the checkpoint (%s)", ref.root,
+                             ", ".join(f"{n}={t!r}" for n, _, t in diff))
+            model_cfg = validate.with_runtime_fields(stored, cfg.model)
+        if self.tokenizer is not None and len(self.tokenizer) > model_cfg.vocab_size:
+            raise ConfigError(f"config.model.vocab_size={model_cfg.vocab_size} is smaller than the "
+                              f"{len(self.tokenizer)} tokens of config.data.tokenizer={cfg.data.tokenizer!r}")
+        if cfg.seq_len > model_cfg.max_position_embeddings:
+            raise ConfigError(f"config.seq_len={cfg.seq_len} exceeds max_position_embeddings="
+                              f"{model_cfg.max_position_embeddings} of the model")
+        return model_cfg
+
+    def _save_tokenizer(self):
+        """WORKDIR/tokenizer (save_pretrained, written whole then renamed): what `convert to-hf` ships."""
+        out = os.path.join(self.workdir, ckpt.TOKENIZER)
+        if self.tokenizer is None or os.path.isdir(out) or jax.process_index() != 0:
+            return
+        tmp = tempfile.mkdtemp(prefix=".tokenizer-", dir=self.workdir)
+        try:
+            self.tokenizer.save_pretrained(tmp)
+            os.chmod(tmp, 0o755)
+            os.rename(tmp, out)
+        finally:
+            if os.path.isdir(tmp):
+                shutil.rmtree(tmp)
+
+    def _setup(self):
+        cfg = self.config
+        self.mesh = self._mesh or make_mesh(cfg.mesh)
+        self.replicated = NamedSharding(self.mesh, P())
+        os.makedirs(self.workdir, exist_ok=True)
+        self.checkpointer = checkpointing.Checkpointer(self.workdir, keep=cfg.checkpoint.keep,
+                                                       async_save=cfg.checkpoint.async_save)
+        self.start_kind, self.start_ref = self._where_to_start()
+        if self.start_kind == "resume" and not checkpointing.is_train_checkpoint(self.start_ref):
+            raise ConfigError(f"{self.start_ref.root}/{self.start_ref.step} holds params only (no optimizer or data "
+                              "state): start from it with --config.init_from=<it> and a new --workdir")
+        self.saved_meta = checkpointing.read_train_state(self.start_ref) if self.start_kind == "resume" else None
+
+        if self._batch_source is None:
+            if self.tokenizer is None:
+                from doge_jax import data
+
+                try:
+                    self.tokenizer = data.load_tokenizer(cfg.data.tokenizer)
+                except ValueError as e:
+                    raise _data_error(e) from None
+            self._batch_source = pretrain_source(cfg, self.tokenizer)
+        self.model_cfg = self._model_config(self.start_kind, self.start_ref)
+
+        self.num_micro = cfg.grad_accum_steps
+        self.micro_rows = cfg.batch_size // cfg.grad_accum_steps
+        saved_shards = self.saved_meta["data_shards"] if self.saved_meta else None
+        self.data_shards = cfg.data_shards or saved_shards or jax.process_count()
+        if saved_shards is not None and self.data_shards != saved_shards:
+            raise ConfigError(f"config.data_shards={cfg.data_shards} but the checkpoint was written with "
+                              f"{saved_shards} data shards; keep it (or 0) to resume the same data stream")
+        validate.check_parallelism(cfg, data_parallel=data_parallel_size(self.mesh), data_shards=self.data_shards)
+
+        # The model split once: graphdef (static), abstract params, other state (RNG streams, when dropout).
+        train_model = model_lib.abstract_model(self.model_cfg)
+        train_model.train()
+        self.graphdef, abstract_params, self.rest_abstract = nnx.split(train_model, nnx.Param, ...)
+        eval_model = model_lib.abstract_model(self.model_cfg)
+        eval_model.eval()
+        self.eval_graphdef = nnx.split(eval_model, nnx.Param, ...)[0]
+        self.param_sharding = nnx.to_pure_dict(sh.state_shardings(abstract_params, self.mesh))
+        self.abstract_params = nnx.to_pure_dict(abstract_params)
+
+        self.tx, self.schedule = optim.make_optimizer(cfg)
+        abstract_opt = jax.eval_shape(self.tx.init, self.abstract_params)
+        opt_sharding = optax.tree_map_params(self.tx, lambda _, s: s, abstract_opt, self.param_sharding,
+                                             transform_non_params=lambda _: self.replicated)
+        self.state_sharding = {"params": self.param_sharding, "opt_state": opt_sharding,
+                               "step": self.replicated, "rng": self.replicated}
+        self.abstract_opt = abstract_opt
+        self.batch_sharding = microbatch_sharding(self.mesh)
+
+    # ------------------------------------------------------------------------------------------------ the state
+    def _init_state(self) -> dict:
+        cfg, model_cfg, tx = self.config, self.model_cfg, self.tx
+
+        def init():
+            model = model_lib.build(model_cfg, seed=cfg.seed)
+            params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+            return {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32),
+                    "rng": jax.random.key_data(jax.random.key(cfg.seed + 1))}
+
+        return jax.jit(init, out_shardings=self.state_sharding)()
+
+    def _replicated_array(self, value) -> jax.Array:
+        """A small host value on every device (works when other processes hold some of the devices)."""
+        value = np.asarray(value)
+        return jax.make_array_from_callback(value.shape, self.replicated, lambda index: value[index])
+
+    def _from_params(self, ref) -> dict:
+        params = ckpt.load_params(ref, self.abstract_params, self.param_sharding)
+        opt_state = jax.jit(self.tx.init, out_shardings=self.state_sharding["opt_state"])(params)
+        rng = jax.random.key_data(jax.random.key(self.config.seed + 1))
+        return {"params": params, "opt_state": opt_state, "step": self._replicated_array(np.int32(0)),
+                "rng": self._replicated_array(jax.device_get(rng))}
+
+    def _restore(self, ref) -> dict:
+        sds = lambda tree, shardings: jax.tree.map(  # noqa: E731
+            lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+        target = {"params": sds(self.abstract_params, self.param_sharding),
+                  "opt_state": sds(self.abstract_opt, self.state_sharding["opt_state"])}
+        restored, meta = checkpointing.restore(ref, target)
+        return {**restored, "step": self._replicated_array(np.int32(meta["step"])),
+                "rng": self._replicated_array(np.asarray(meta["rng"], np.uint32))}
+
+    def _train_meta(self, state: dict, batches: ShardedBatches) -> dict:
+        data_states = {}
+        for part in checkpointing.gather_json(batches.state()):
+            data_states.update(part)
+        return {"step": int(state["step"]), "rng": [int(x) for x in np.asarray(jax.device_get(state["rng"]))],
+                "data_shards": self.data_shards, "data": data_states}
+
+    # ------------------------------------------------------------------------------------------------- the loop
+    def _request_stop(self, signum, frame):
+        del frame
+        logging.warning("signal %d: saving a checkpoint after this step, then stopping", signum)
+        self._stop_requested = True
+
+    def _should_stop(self, step: int) -> bool:
+        stop = self._stop_requested
+        if jax.process_count() > 1:  # every host must stop at the same step
+            stop = bool(multihost_utils.process_allgather(np.asarray(stop)).any())
+        return stop or self.checkpointer.mngr.reached_preemption(step)
+
+    def _eval_batches(self) -> ShardedBatches:
+        """A fresh pass over the eval split: config.eval_batches batches on every process (padded when short)."""
+        return ShardedBatches(self._batch_source, mesh=self.mesh, split="eval", num_micro=1, rows=self.micro_rows,
+                              num_shards=self.data_shards, num_batches=self.config.eval_batches)
+
+    def _evaluate(self, params) -> dict:
+        sums = None
+        for batch in self._eval_batches():
+            out = self.eval_step(params, batch)
+            sums = out if sums is None else jax.tree.map(jnp.add, sums, out)
+        sums = jax.device_get(sums)
+        weight = max(float(sums.pop(step_lib.WEIGHT)), 1e-9)
+        result = {f"eval_{k}": float(v) / weight for k, v in sums.items()}
+        result["eval_ppl"] = math.exp(min(result.get("eval_ce_loss", result["eval_loss"]), 80.0))
+        return result
+
+    def run(self) -> dict:
+        """Trains to config.total_steps (or until SIGTERM); returns the last logged record."""
+        cfg = self.config
+        self._setup()
+        self._save_tokenizer()
+        # The data first: a bad data config fails before anything compiles.
+        batches = ShardedBatches(self._batch_source, mesh=self.mesh, split="train", num_micro=self.num_micro,
+                                 rows=self.micro_rows, num_shards=self.data_shards)
+        if self.saved_meta is not None:
+            batches.set_state(self.saved_meta["data"])
+        if cfg.eval_every > 0:  # an eval split without documents fails now, not at the first eval
+            self._eval_batches()
+        if self.start_kind == "resume":
+            state = self._restore(self.start_ref)
+        elif self.start_kind == "init":
+            state = self._from_params(self.start_ref)
+        else:
+            state = self._init_state()
+        start = int(state["step"])
+
+        train_step = step_lib.make_train_step(self.graphdef, _concrete(self.rest_abstract), self.tx, self.schedule,
+                                              self.loss_fn)
+        self.train_step = jax.jit(train_step, in_shardings=(self.state_sharding, self.batch_sharding),
+                                  out_shardings=(self.state_sharding, self.replicated), donate_argnums=0)
+        eval_step = step_lib.make_eval_step(self.eval_graphdef, _concrete(self.rest_abstract), self.loss_fn)
+        self.eval_step = jax.jit(lambda p, b: eval_step(p, jax.tree.map(lambda x: x[0], b)),
+                                 in_shardings=(self.param_sharding, self.batch_sharding), out_shardings=self.replicated)
+
+        is_main = jax.process_index() == 0
+        log = metrics.RunLog(self.workdir, start_step=start, total_steps=cfg.total_steps, enabled=is_main,
+                             progress_bar=cfg.progress_bar, tensorboard=cfg.tensorboard)
+        tokens_per_step = cfg.batch_size * cfg.seq_len
+        flops_per_token = flops.flops_per_token(self.model_cfg, cfg.seq_len)
+        peak = flops.peak_flops(self.mesh.devices.flat[0], self.model_cfg.dtype, cfg.peak_tflops)
+        peak_total = peak * self.mesh.devices.size if peak else None
+        log.info(self._banner(start, tokens_per_step, flops_per_token))
+        if start >= cfg.total_steps:
+            log.info(f"nothing to do: step {start} >= config.total_steps={cfg.total_steps}")
+            log.close()
+            self.checkpointer.close()
+            return {}
+
+        if threading.current_thread() is threading.main_thread():
+            previous_handler = signal.signal(signal.SIGTERM, self._request_stop)
+        clock = {"time": time.perf_counter(), "step": start, "paused": 0.0}
+        last_record: dict = {}
+        last_saved = start if self.start_kind == "resume" else None
+
+        def process(step: int, step_metrics) -> dict:
+            """Device metrics of `step` → host record; stops on a non-finite loss."""
+            values = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
+            if not (math.isfinite(values["loss"]) and math.isfinite(values["grad_norm"])):
+                self.checkpointer.wait()
+                good = (f"{self.checkpointer.root}/{last_saved}" if last_saved is not None
+                        else "none (no checkpoint was written yet)")
+                raise TrainingDiverged(
+                    f"loss={values['loss']} grad_norm={values['grad_norm']} at step {step}: training stopped. "
+                    f"Last good checkpoint: {good}. Lower config.optimizer.lr or raise "
+                    "config.schedule.warmup_steps, then rerun (it resumes from that checkpoint).")
+            now = time.perf_counter()
+            elapsed = max(now - clock["time"] - clock["paused"], 1e-9)
+            tokens_per_sec = (step - clock["step"]) * tokens_per_step / elapsed
+            values.pop(step_lib.WEIGHT, None)
+            record = {"step": step, **values, "tokens_per_sec": tokens_per_sec,
+                      "mfu": tokens_per_sec * flops_per_token / peak_total if peak_total else None,
+                      "tokens": step * tokens_per_step}
+            log.advance(step, values["loss"])
+            return record
+
+        def emit(record: dict, force: bool = False):
+            nonlocal last_record
+            step = record["step"]
+            if force or step % cfg.log_every == 0 or step == start + 1 or step == cfg.total_steps:
+                log.write(record)
+                clock.update(time=time.perf_counter(), step=step, paused=0.0)
+            last_record = record
+
+        pending = None
+        step = start
+        stopped = False
+        try:
+            while step < cfg.total_steps:
+                if cfg.profile.start_step >= 0 and step == cfg.profile.start_step and is_main:
+                    jax.profiler.start_trace(os.path.join(self.workdir, "profile"))
+                try:
+                    batch = next(batches)
+                except StopIteration:
+                    log.info(f"the training data ran out after step {step}")
+                    break
+                state, step_metrics = self.train_step(state, batch)
+                step += 1
+                if pending is not None:
+                    emit(process(*pending))
+                pending = (step, step_metrics)
+                if cfg.profile.start_step >= 0 and step == cfg.profile.start_step + cfg.profile.num_steps and is_main:
+                    jax.block_until_ready(state)
+                    jax.profiler.stop_trace()
+                    log.info(f"profile of steps {cfg.profile.start_step}..{step} in {self.workdir}/profile")
+
+                stopped = self._should_stop(step)
+                every = cfg.checkpoint.every_steps
+                save_now = stopped or step == cfg.total_steps or (every > 0 and step % every == 0)
+                eval_now = cfg.eval_every > 0 and (step % cfg.eval_every == 0 or step == cfg.total_steps)
+                if save_now or eval_now:
+                    record = process(*pending)
+                    pending = None
+                    t0 = time.perf_counter()
+                    if eval_now:
+                        record.update(self._evaluate(state["params"]))
+                    if save_now:
+                        self.checkpointer.save(step, state, self.model_cfg, self._train_meta(state, batches))
+                        last_saved = step
+                    clock["paused"] += time.perf_counter() - t0
+                    emit(record, force=eval_now)
+                if stopped:
+                    break
+            if pending is not None:
+                emit(process(*pending), force=True)
+            if last_saved != step:
+                self.checkpointer.save(step, state, self.model_cfg, self._train_meta(state, batches))
+            self.checkpointer.close()
+        finally:
+            log.close()
+            if threading.current_thread() is threading.main_thread():
+                signal.signal(signal.SIGTERM, previous_handler)
+        if is_main:
+            png = metrics.plot_loss(self.workdir)
+            where = f"{self.checkpointer.root}/{step}"
+            print(f"{'stopped (signal)' if stopped else 'done'} at step {step}: checkpoint {where}"
+                  + (f", loss curve {png}" if png else ""), flush=True)
+        self.stopped = stopped
+        return last_record
+
+    def _banner(self, start: int, tokens_per_step: int, flops_per_token: float) -> str:
+        cfg, m = self.config, self.model_cfg
+        n_params = model_lib.count_params(m)
+        mesh = " ".join(f"{a}={s}" for a, s in self.mesh.shape.items())
+        ref = self.start_ref
+        origin = {"resume": lambda: f"resuming {ref.root}/{ref.step}",
+                  "init": lambda: f"params from {ref.root}/{ref.step}, fresh optimizer",
+                  "scratch": lambda: f"from scratch (seed {cfg.seed})"}[self.start_kind]()
+        return (f"Doge {n_params / 1e6:.2f}M params ({m.num_hidden_layers} layers, hidden {m.hidden_size}, "
+                f"{m.dtype} compute) | {self.mesh.devices.size} {self.mesh.devices.flat[0].platform} devices "
+                f"[{mesh}] x {jax.process_count()} process(es) | batch {cfg.batch_size} x {cfg.seq_len} "
+                f"({tokens_per_step:,} tokens/step, {cfg.grad_accum_steps} micro-batches, {self.data_shards} data "
+                f"shards) | {flops_per_token / 1e6:.1f} MFLOP/token | {origin} -> step {cfg.total_steps} | "
+                f"{self.workdir}")

@@ -1,0 +1,154 @@
+"""What a run tells its user: a progress bar and a console line per logged step, WORKDIR/metrics.jsonl (one
+JSON object per logged step), TensorBoard scalars in WORKDIR/tensorboard, and WORKDIR/loss.png at the end.
+
+Only process 0 writes. On resume the log is cut back to the restored step (lines a killed run wrote after its
+last checkpoint are dropped, as are TensorBoard events past it), so the files read as one uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import tempfile
+
+from tqdm.auto import tqdm
+
+METRICS_FILE = "metrics.jsonl"
+PLOT_FILE = "loss.png"
+
+
+def _atomic_write(path: str, write) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=os.path.dirname(path))
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def truncate_jsonl(path: str, last_step: int) -> None:
+    """Keeps the complete lines of `path` whose step is ≤ last_step (a kill can leave a half-written line)."""
+    if not os.path.exists(path):
+        return
+    kept = []
+    with open(path, "rb") as f:
+        for line in f:
+            if not line.endswith(b"\n"):
+                break
+            try:
+                if json.loads(line)["step"] <= last_step:
+                    kept.append(line)
+            except (ValueError, KeyError, TypeError):
+                continue
+    _atomic_write(path, lambda f: f.writelines(kept))
+
+
+def read_jsonl(path: str) -> list[dict]:
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.endswith("\n")]
+
+
+def format_line(record: dict, total_steps: int) -> str:
+    """One console line: `step 100/300 | loss 5.1234 | lr 3.00e-03 | grad 0.52 | 1,234 tok/s | MFU 1.2%`."""
+    width = len(str(total_steps))
+    parts = [f"step {record['step']:>{width}}/{total_steps}"]
+    if "loss" in record:
+        parts.append(f"loss {record['loss']:.4f}")
+    if "lr" in record:
+        parts.append(f"lr {record['lr']:.2e}")
+    if "grad_norm" in record:
+        parts.append(f"grad {record['grad_norm']:.3f}")
+    if record.get("tokens_per_sec") is not None:
+        parts.append(f"{record['tokens_per_sec']:,.0f} tok/s")
+    if record.get("mfu") is not None:
+        parts.append(f"MFU {100 * record['mfu']:.1f}%")
+    if "eval_loss" in record:
+        parts.append(f"eval {record['eval_loss']:.4f} (ppl {record['eval_ppl']:.1f})")
+    return " | ".join(parts)
+
+
+class RunLog:
+
+    def __init__(self, workdir: str, *, start_step: int, total_steps: int, enabled: bool, progress_bar: bool,
+                 tensorboard: bool):
+        self.enabled = enabled
+        self.total_steps = total_steps
+        self.path = os.path.join(workdir, METRICS_FILE)
+        self.tb = None
+        self.bar = None
+        if not enabled:
+            return
+        truncate_jsonl(self.path, start_step)
+        if tensorboard:
+            from tensorboardX import SummaryWriter
+
+            self.tb = SummaryWriter(os.path.join(workdir, "tensorboard"),
+                                    purge_step=start_step + 1 if start_step > 0 else None, flush_secs=30)
+        # disable=None: a bar on a terminal, none in a log file (the per-step lines still print).
+        self.bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True, file=sys.stderr,
+                        disable=None if progress_bar else True)
+
+    def advance(self, step: int, loss: float) -> None:
+        if self.bar is not None:
+            self.bar.update(step - self.bar.n)
+            self.bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
+
+    def write(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        record = {k: v for k, v in record.items() if v is not None}
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.tb is not None:
+            for key, value in record.items():
+                if key != "step" and isinstance(value, (int, float)) and math.isfinite(value):
+                    self.tb.add_scalar(key.replace("eval_", "eval/", 1) if key.startswith("eval_") else f"train/{key}",
+                                       value, record["step"])
+        self.info(format_line(record, self.total_steps))
+
+    def info(self, message: str) -> None:
+        if self.enabled:
+            tqdm.write(message, file=sys.stdout)
+            sys.stdout.flush()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        if self.tb is not None:
+            self.tb.close()
+
+
+def plot_loss(workdir: str) -> str | None:
+    """WORKDIR/loss.png: train loss (and eval loss) against step, from metrics.jsonl."""
+    path = os.path.join(workdir, METRICS_FILE)
+    if not os.path.exists(path):
+        return None
+    records = read_jsonl(path)
+    train = [(r["step"], r["loss"]) for r in records if "loss" in r]
+    evals = [(r["step"], r["eval_loss"]) for r in records if "eval_loss" in r]
+    if not train and not evals:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=120)
+    if train:
+        ax.plot(*zip(*train), label="train loss", lw=1)
+    if evals:
+        ax.plot(*zip(*evals), "o-", label="eval loss", ms=3)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_title(os.path.basename(os.path.abspath(workdir)))
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    out = os.path.join(workdir, PLOT_FILE)
+    _atomic_write(out, lambda f: fig.savefig(f, format="png"))
+    plt.close(fig)
+    return out

@@ -1,0 +1,76 @@
+"""Exact resume: `kill -9` mid-run, then SIGTERM mid-resume, then resume again — the losses are bitwise those
+of an uninterrupted run (CPU), and metrics.jsonl reads as one run."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import train_harness as th
+from doge_jax import checkpoint as ckpt
+
+TOTAL = 30
+
+
+def _env(tmp_path):
+    # One compiled train step shared by the four runs (a persistent cache hit is the same executable).
+    return {**os.environ, "JAX_COMPILATION_CACHE_DIR": str(tmp_path / "xla"),
+            "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0", "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
+
+
+def _start(args, env, log):
+    return subprocess.Popen([sys.executable] + args, cwd=th.REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+
+
+def _wait_for(proc, workdir, after_step: int, timeout=240) -> tuple[int, int]:
+    """Waits until a checkpoint > after_step is complete and a later step is logged: (checkpoint, logged step)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        assert proc.poll() is None, "the run ended before it could be interrupted"
+        try:
+            saved = ckpt.resolve(workdir).step
+            logged = th.losses(workdir)[-1][0]
+        except (FileNotFoundError, ValueError, IndexError):
+            saved = logged = -1
+        if saved > after_step and logged > saved:
+            return saved, logged
+        time.sleep(0.02)
+    raise TimeoutError(workdir)
+
+
+def test_kill9_and_sigterm_resume_exactly(tmp_path):
+    corpus = th.write_corpus(str(tmp_path / "c.txt"))
+    env = _env(tmp_path)
+    common = dict(total_steps=TOTAL, checkpoint__every_steps=4, eval_every=10, eval_batches=2, tensorboard=True)
+    whole, parts = str(tmp_path / "whole"), str(tmp_path / "parts")
+
+    ref = subprocess.run([sys.executable] + th.cli_args(corpus, whole, **common), cwd=th.REPO, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert ref.returncode == 0, ref.stdout + ref.stderr
+
+    with open(tmp_path / "log1", "w") as log:
+        proc = _start(th.cli_args(corpus, parts, **common), env, log)
+        saved1, _ = _wait_for(proc, parts, after_step=0)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    with open(tmp_path / "log2", "w") as log:
+        proc = _start(th.cli_args(corpus, parts, **common), env, log)
+        saved2, _ = _wait_for(proc, parts, after_step=saved1)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=120) == 143
+    stopped_at = ckpt.resolve(parts).step
+    assert saved1 < stopped_at < TOTAL
+    last = subprocess.run([sys.executable] + th.cli_args(corpus, parts, **common), cwd=th.REPO, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert last.returncode == 0, last.stdout + last.stderr
+    assert f"resuming {parts}/checkpoints/{stopped_at}" in last.stdout
+
+    a, b = th.read_records(whole), th.read_records(parts)
+    assert [r["step"] for r in b] == [r["step"] for r in a] == list(range(1, TOTAL + 1))
+    for x, y in zip(a, b):
+        for key in ("loss", "grad_norm", "lr", "eval_loss"):
+            assert x.get(key) == y.get(key), (x["step"], key, x.get(key), y.get(key))
+    assert os.path.exists(os.path.join(parts, "loss.png"))
+    assert os.listdir(os.path.join(parts, "tensorboard"))
+    assert ckpt.resolve(parts).step == TOTAL
