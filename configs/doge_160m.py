@@ -11,4 +11,8 @@ def get_config():
     m.intermediate_size = 1536
     m.num_attention_heads = 6
     m.num_key_value_heads = 3
+    # The seed recipe: 32B tokens = 24000 steps x 640 sequences x 2048, WSD decaying over the last 10 %.
+    config.optimizer.lr = 0.004
+    config.total_steps = 24000
+    config.batch_size = 640
     return config

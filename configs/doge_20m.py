@@ -11,4 +11,8 @@ def get_config():
     m.intermediate_size = 512
     m.num_attention_heads = 2
     m.num_key_value_heads = 1
+    # The seed recipe: 4B tokens = 8000 steps x 256 sequences x 2048, WSD decaying over the last 10 %.
+    config.optimizer.lr = 0.008
+    config.total_steps = 8000
+    config.batch_size = 256
     return config

@@ -11,4 +11,8 @@ def get_config():
     m.intermediate_size = 2048
     m.num_attention_heads = 8
     m.num_key_value_heads = 4
+    # The seed recipe: 64B tokens = 32000 steps x 1024 sequences x 2048, WSD decaying over the last 10 %.
+    config.optimizer.lr = 0.002
+    config.total_steps = 32000
+    config.batch_size = 1024
     return config

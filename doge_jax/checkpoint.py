@@ -135,12 +135,13 @@ def with_params(abstract_model: nnx.Module, params: dict) -> nnx.Module:
     """Fills an abstract model (from `nnx.eval_shape`) with `params`; RNG state gets fresh concrete values."""
     graphdef, param_state, rest = nnx.split(abstract_model, nnx.Param, ...)
     nnx.replace_by_pure_dict(param_state, params)
+    return nnx.merge(graphdef, param_state, jax.tree.map(placeholder, rest))
 
-    def concrete(x):
-        if isinstance(x, jax.ShapeDtypeStruct):
-            if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
-                return jax.random.key(0)
-            return np.zeros(x.shape, x.dtype)
-        return x
 
-    return nnx.merge(graphdef, param_state, jax.tree.map(concrete, rest))
+def placeholder(x):
+    """A concrete stand-in for an abstract leaf: key(0) for PRNG keys, zeros otherwise (RNG counters)."""
+    if isinstance(x, jax.ShapeDtypeStruct):
+        if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+            return jax.random.key(0)
+        return np.zeros(x.shape, x.dtype)
+    return x

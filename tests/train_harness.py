@@ -130,5 +130,28 @@ def meshes(out_json: str) -> None:
         json.dump(results, f)
 
 
+def moe(out_json: str) -> None:
+    """A tiny MoE through the Trainer on 1 device and on data=2 × expert=4 (expert-parallel CDMoE)."""
+    import tempfile
+
+    import jax
+
+    from doge_jax.trainer import Trainer, make_mesh
+
+    root = tempfile.mkdtemp()
+    corpus = write_corpus(os.path.join(root, "corpus.txt"))
+    results = {}
+    for name, sizes, devices in (("1 device", {}, jax.devices()[:1]), ("data=2 expert=4", {"data": 2, "expert": 4},
+                                                                      None)):
+        config = tiny_config(corpus, total_steps=3, model__is_moe=True, model__num_experts=64,
+                             model__num_experts_per_tok=4, model__router_z_loss_coef=1e-3)
+        config.mesh = _mesh_cfg(sizes)
+        workdir = os.path.join(root, name.replace(" ", "_"))
+        Trainer(config, workdir, mesh=make_mesh(config.mesh, devices)).run()
+        results[name] = [r for r in read_records(workdir) if "loss" in r]
+    with open(out_json, "w") as f:
+        json.dump(results, f)
+
+
 if __name__ == "__main__":
-    {"meshes": meshes}[sys.argv[1]](*sys.argv[2:])
+    {"meshes": meshes, "moe": moe}[sys.argv[1]](*sys.argv[2:])

@@ -67,13 +67,7 @@ def pretrain_source(config, tokenizer) -> BatchSource:
 def _concrete(state) -> dict:
     """Abstract non-Param model state (RNG streams) → a pure dict of placeholder values; the step reseeds
     them. Values, not Variables: the step's merge must create its Variables inside the trace it mutates in."""
-    def one(x):
-        if isinstance(x, jax.ShapeDtypeStruct):
-            if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
-                return jax.random.key(0)
-            return jnp.zeros(x.shape, x.dtype)
-        return x
-    return jax.tree.map(one, nnx.to_pure_dict(state))
+    return jax.tree.map(ckpt.placeholder, nnx.to_pure_dict(state))
 
 
 class Trainer:
@@ -287,11 +281,14 @@ class Trainer:
 
         train_step = step_lib.make_train_step(self.graphdef, _concrete(self.rest_abstract), self.tx, self.schedule,
                                               self.loss_fn)
-        self.train_step = jax.jit(train_step, in_shardings=(self.state_sharding, self.batch_sharding),
-                                  out_shardings=(self.state_sharding, self.replicated), donate_argnums=0)
+        self.train_step = _traced_under_mesh(
+            jax.jit(train_step, in_shardings=(self.state_sharding, self.batch_sharding),
+                    out_shardings=(self.state_sharding, self.replicated), donate_argnums=0), self.mesh)
         eval_step = step_lib.make_eval_step(self.eval_graphdef, _concrete(self.rest_abstract), self.loss_fn)
-        self.eval_step = jax.jit(lambda p, b: eval_step(p, jax.tree.map(lambda x: x[0], b)),
-                                 in_shardings=(self.param_sharding, self.batch_sharding), out_shardings=self.replicated)
+        self.eval_step = _traced_under_mesh(
+            jax.jit(lambda p, b: eval_step(p, jax.tree.map(lambda x: x[0], b)),
+                    in_shardings=(self.param_sharding, self.batch_sharding), out_shardings=self.replicated),
+            self.mesh)
 
         is_main = jax.process_index() == 0
         log = metrics.RunLog(self.workdir, start_step=start, total_steps=cfg.total_steps, enabled=is_main,
@@ -412,3 +409,14 @@ class Trainer:
                 f"({tokens_per_step:,} tokens/step, {cfg.grad_accum_steps} micro-batches, {self.data_shards} data "
                 f"shards) | {flops_per_token / 1e6:.1f} MFLOP/token | {origin} -> step {cfg.total_steps} | "
                 f"{self.workdir}")
+
+
+def _traced_under_mesh(fn, mesh):
+    """Calls (and so traces) `fn` under `jax.set_mesh(mesh)`: CDMoE then routes per token shard and runs its
+    experts with the expert-parallel shard_map (doge_jax.moe_parallel) instead of gathering the tables."""
+
+    def call(*args):
+        with jax.set_mesh(mesh):
+            return fn(*args)
+
+    return call

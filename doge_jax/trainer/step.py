@@ -50,6 +50,9 @@ def pretrain_loss(model, batch: dict, rng: jax.Array, *, z_loss_coef: float = 0.
         if cfg.router_z_loss_coef > 0:
             metrics["router_z_loss"] = moe.router_z_loss(list(out.router_scores), batch["segment_ids"] > 0)
             loss = loss + cfg.router_z_loss_coef * metrics["router_z_loss"]
+        stats = moe.routing_stats(list(out.router_scores), cfg.num_experts, cfg.num_experts_per_tok,
+                                  (batch["segment_ids"] > 0).reshape(-1))
+        metrics.update({f"moe/{k}": v for k, v in stats.items()})
     return loss, metrics
 
 
