@@ -79,7 +79,8 @@ def config_to_hf(cfg: DogeConfig, dtype: str = "float32"):
                          f"and dt per kv head; this older SmallDoge layout cannot be exported to it")
     rope = {"rope_type": cfg.rope_type, "rope_theta": cfg.rope_theta}
     if cfg.rope_type != "default":
-        rope.update(factor=cfg.rope_factor, original_max_position_embeddings=cfg.max_position_embeddings)
+        # transformers' dynamic NTK scales from max_position_embeddings; the key takes no other parameter.
+        rope["factor"] = cfg.rope_factor
     fields = {name: getattr(cfg, name) for name in HF_TO_JAX_FIELDS}
     hf = HFDogeConfig(**fields, head_dim=cfg.head_dim, rope_parameters=rope)
     hf.architectures = ["DogeForCausalLM"]
