@@ -30,170 +30,185 @@ import sys
 import tempfile
 from collections.abc import Iterable, Iterator, Sequence
 
-SPECIAL_TOKENS = {'unk': '<unk>', 'bos': '<s>', 'eos': '</s>', 'pad': '<pad>'}
-CHAT_TOKENS = ('<|im_start|>', '<|im_end|>')
+SPECIAL_TOKENS = {"unk": "<unk>", "bos": "<s>", "eos": "</s>", "pad": "<pad>"}
+CHAT_TOKENS = ("<|im_start|>", "<|im_end|>")
 CHAT_TEMPLATE = (
     "{% for message in messages %}"
     "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
-DEFAULT_TOKENIZER_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'assets', 'tokenizer')
+DEFAULT_TOKENIZER_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "tokenizer")
 
 # SentencePiece refuses longer "sentences"; our sentences are lines, and the rare longer line is dropped.
 _MAX_SENTENCE_BYTES = 16384
 
 
 def load_tokenizer(spec: str):
-  """Loads a tokenizer: 'default' (the shipped asset), a local HF tokenizer dir, or a hub id.
+    """Loads a tokenizer: 'default' (the shipped asset), a local HF tokenizer dir, or a hub id.
 
-  Returns a `transformers.PreTrainedTokenizerBase`. A hub id (e.g. 'SmallDoge/Doge-tokenizer') needs the
-  network or a populated HF cache; a path that looks local but does not exist is an error, not a hub lookup.
-  """
-  from transformers import AutoTokenizer  # pylint: disable=g-import-not-at-top  (heavy; keep the CLI light)
+    Returns a `transformers.PreTrainedTokenizerBase`. A hub id (e.g. 'SmallDoge/Doge-tokenizer') needs the
+    network or a populated HF cache; a path that looks local but does not exist is an error, not a hub lookup.
+    """
+    from transformers import AutoTokenizer  # pylint: disable=g-import-not-at-top  (heavy; keep the CLI light)
 
-  if not isinstance(spec, str) or not spec:
-    raise ValueError(f'data.tokenizer={spec!r} must be "default", a tokenizer directory or a hub id')
-  path = DEFAULT_TOKENIZER_DIR if spec == 'default' else os.path.expanduser(spec)
-  looks_local = spec == 'default' or os.path.isabs(path) or spec.startswith('.') or os.path.exists(path)
-  if looks_local:
-    if not os.path.isfile(os.path.join(path, 'tokenizer.json')) and not os.path.isfile(
-        os.path.join(path, 'tokenizer_config.json')):
-      raise ValueError(f'data.tokenizer={spec!r}: {path} holds no tokenizer.json / tokenizer_config.json')
-    return AutoTokenizer.from_pretrained(path)
-  try:
-    return AutoTokenizer.from_pretrained(spec)
-  except OSError as e:
-    raise ValueError(f'data.tokenizer={spec!r} is neither a local tokenizer dir nor a loadable hub id ({e})') from e
+    if not isinstance(spec, str) or not spec:
+        raise ValueError(f'data.tokenizer={spec!r} must be "default", a tokenizer directory or a hub id')
+    path = DEFAULT_TOKENIZER_DIR if spec == "default" else os.path.expanduser(spec)
+    looks_local = spec == "default" or os.path.isabs(path) or spec.startswith(".") or os.path.exists(path)
+    if looks_local:
+        if not os.path.isfile(os.path.join(path, "tokenizer.json")) and not os.path.isfile(
+            os.path.join(path, "tokenizer_config.json")
+        ):
+            raise ValueError(f"data.tokenizer={spec!r}: {path} holds no tokenizer.json / tokenizer_config.json")
+        return AutoTokenizer.from_pretrained(path)
+    try:
+        return AutoTokenizer.from_pretrained(spec)
+    except OSError as e:
+        raise ValueError(f"data.tokenizer={spec!r} is neither a local tokenizer dir nor a loadable hub id ({e})") from e
 
 
 def _lines(documents: Iterable[str]) -> Iterator[str]:
-  for doc in documents:
-    for line in doc.split('\n'):
-      if line.strip() and len(line.encode()) <= _MAX_SENTENCE_BYTES:
-        yield line
+    for doc in documents:
+        for line in doc.split("\n"):
+            if line.strip() and len(line.encode()) <= _MAX_SENTENCE_BYTES:
+                yield line
 
 
 def train_sentencepiece(documents: Iterable[str], vocab_size: int, *, num_threads: int = 2) -> bytes:
-  """Trains a Llama-style SentencePiece BPE model on `documents`; returns the serialized model."""
-  import sentencepiece as spm  # pylint: disable=g-import-not-at-top
+    """Trains a Llama-style SentencePiece BPE model on `documents`; returns the serialized model."""
+    import sentencepiece as spm  # pylint: disable=g-import-not-at-top
 
-  model = io.BytesIO()
-  spm.SentencePieceTrainer.train(
-      sentence_iterator=_lines(documents),
-      model_writer=model,
-      model_type='bpe',
-      vocab_size=vocab_size,
-      character_coverage=0.9995,
-      byte_fallback=True,  # never <unk>: any UTF-8 byte has a piece
-      split_digits=True,
-      normalization_rule_name='identity',  # the HF tokenizer below has no normaliser either
-      remove_extra_whitespaces=False,  # keep indentation and double spaces
-      allow_whitespace_only_pieces=True,
-      unk_id=0, bos_id=1, eos_id=2, pad_id=3,
-      unk_piece=SPECIAL_TOKENS['unk'], bos_piece=SPECIAL_TOKENS['bos'],
-      eos_piece=SPECIAL_TOKENS['eos'], pad_piece=SPECIAL_TOKENS['pad'],
-      control_symbols=list(CHAT_TOKENS),
-      max_sentence_length=_MAX_SENTENCE_BYTES,
-      num_threads=num_threads,
-      minloglevel=2,
-  )
-  return model.getvalue()
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=_lines(documents),
+        model_writer=model,
+        model_type="bpe",
+        vocab_size=vocab_size,
+        character_coverage=0.9995,
+        byte_fallback=True,  # never <unk>: any UTF-8 byte has a piece
+        split_digits=True,
+        normalization_rule_name="identity",  # the HF tokenizer below has no normaliser either
+        remove_extra_whitespaces=False,  # keep indentation and double spaces
+        allow_whitespace_only_pieces=True,
+        unk_id=0,
+        bos_id=1,
+        eos_id=2,
+        pad_id=3,
+        unk_piece=SPECIAL_TOKENS["unk"],
+        bos_piece=SPECIAL_TOKENS["bos"],
+        eos_piece=SPECIAL_TOKENS["eos"],
+        pad_piece=SPECIAL_TOKENS["pad"],
+        control_symbols=list(CHAT_TOKENS),
+        max_sentence_length=_MAX_SENTENCE_BYTES,
+        num_threads=num_threads,
+        minloglevel=2,
+    )
+    return model.getvalue()
 
 
 def export_hf_tokenizer(spm_model: bytes, out_dir: str, *, extra_config: dict | None = None) -> None:
-  """Writes a `transformers` tokenizer dir (tokenizer.json + config) equivalent to `spm_model`.
+    """Writes a `transformers` tokenizer dir (tokenizer.json + config) equivalent to `spm_model`.
 
-  The dir is written next to `out_dir` and renamed into place, so a failure leaves nothing half-written.
-  """
-  from tokenizers.models import BPE  # pylint: disable=g-import-not-at-top
-  from transformers import LlamaTokenizer  # pylint: disable=g-import-not-at-top
-  from transformers.convert_slow_tokenizer import SentencePieceExtractor  # pylint: disable=g-import-not-at-top
+    The dir is written next to `out_dir` and renamed into place, so a failure leaves nothing half-written.
+    """
+    from tokenizers.models import BPE  # pylint: disable=g-import-not-at-top
+    from transformers import LlamaTokenizer  # pylint: disable=g-import-not-at-top
+    from transformers.convert_slow_tokenizer import SentencePieceExtractor  # pylint: disable=g-import-not-at-top
 
-  out_dir = os.path.abspath(out_dir)
-  parent = os.path.dirname(out_dir)
-  os.makedirs(parent, exist_ok=True)
-  tmp = tempfile.mkdtemp(prefix='.tokenizer-', dir=parent)
-  try:
-    model_path = os.path.join(tmp, 'spm.model')
-    with open(model_path, 'wb') as f:
-      f.write(spm_model)
-    extracted = SentencePieceExtractor(model_path).extract(BPE)
-    os.remove(model_path)  # tokenizer.json is the single source of truth; keeps the asset small
-    tok = LlamaTokenizer(
-        vocab=extracted['vocab'], merges=extracted['merges'],
-        unk_token=SPECIAL_TOKENS['unk'], bos_token=SPECIAL_TOKENS['bos'],
-        eos_token=SPECIAL_TOKENS['eos'], pad_token=SPECIAL_TOKENS['pad'],
-        legacy=False, add_prefix_space=True, model_max_length=1 << 20,
-    )
-    tok.add_special_tokens({'additional_special_tokens': list(CHAT_TOKENS)})
-    tok.chat_template = CHAT_TEMPLATE
-    tok.save_pretrained(tmp)
-    if extra_config:
-      with open(os.path.join(tmp, 'doge_tokenizer.json'), 'w') as f:
-        json.dump(extra_config, f, indent=2, sort_keys=True)
-        f.write('\n')
-    if os.path.isdir(out_dir):
-      shutil.rmtree(out_dir)
-    os.chmod(tmp, 0o755)  # mkdtemp makes it private; a tokenizer dir is meant to be shared
-    os.rename(tmp, out_dir)
-  finally:
-    if os.path.isdir(tmp):
-      shutil.rmtree(tmp)
+    out_dir = os.path.abspath(out_dir)
+    parent = os.path.dirname(out_dir)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".tokenizer-", dir=parent)
+    try:
+        model_path = os.path.join(tmp, "spm.model")
+        with open(model_path, "wb") as f:
+            f.write(spm_model)
+        extracted = SentencePieceExtractor(model_path).extract(BPE)
+        os.remove(model_path)  # tokenizer.json is the single source of truth; keeps the asset small
+        tok = LlamaTokenizer(
+            vocab=extracted["vocab"],
+            merges=extracted["merges"],
+            unk_token=SPECIAL_TOKENS["unk"],
+            bos_token=SPECIAL_TOKENS["bos"],
+            eos_token=SPECIAL_TOKENS["eos"],
+            pad_token=SPECIAL_TOKENS["pad"],
+            legacy=False,
+            add_prefix_space=True,
+            model_max_length=1 << 20,
+        )
+        tok.add_special_tokens({"additional_special_tokens": list(CHAT_TOKENS)})
+        tok.chat_template = CHAT_TEMPLATE
+        tok.save_pretrained(tmp)
+        if extra_config:
+            with open(os.path.join(tmp, "doge_tokenizer.json"), "w") as f:
+                json.dump(extra_config, f, indent=2, sort_keys=True)
+                f.write("\n")
+        if os.path.isdir(out_dir):
+            shutil.rmtree(out_dir)
+        os.chmod(tmp, 0o755)  # mkdtemp makes it private; a tokenizer dir is meant to be shared
+        os.rename(tmp, out_dir)
+    finally:
+        if os.path.isdir(tmp):
+            shutil.rmtree(tmp)
 
 
 def corpus_documents(corpus: Sequence[str]) -> Iterator[str]:
-  """Documents of `--corpus`: 'default', or text / jsonl / parquet files (globs ok)."""
-  for spec in corpus:
-    if spec == 'default':
-      from doge_jax.data._corpus import default_corpus  # pylint: disable=g-import-not-at-top
+    """Documents of `--corpus`: 'default', or text / jsonl / parquet files (globs ok)."""
+    for spec in corpus:
+        if spec == "default":
+            from doge_jax.data._corpus import default_corpus  # pylint: disable=g-import-not-at-top
 
-      yield from default_corpus()
-      continue
-    paths = sorted(glob.glob(os.path.expanduser(spec)))
-    if not paths:
-      raise ValueError(f'--corpus={spec!r} matched no files')
-    from doge_jax.data import _sources  # pylint: disable=g-import-not-at-top
+            yield from default_corpus()
+            continue
+        paths = sorted(glob.glob(os.path.expanduser(spec)))
+        if not paths:
+            raise ValueError(f"--corpus={spec!r} matched no files")
+        from doge_jax.data import _sources  # pylint: disable=g-import-not-at-top
 
-    for path in paths:
-      docs = _sources.documents_of_file(path)
-      for i in range(len(docs)):
-        yield docs[i]
+        for path in paths:
+            docs = _sources.documents_of_file(path)
+            for i in range(len(docs)):
+                yield docs[i]
 
 
 def train_tokenizer(corpus: Sequence[str], vocab_size: int, out_dir: str) -> None:
-  """Trains on `corpus` (see `corpus_documents`) and writes a HF tokenizer dir to `out_dir`."""
-  if vocab_size < 256 + 6 + 16:
-    raise ValueError(f'--vocab-size={vocab_size} must be >= 278 (256 byte pieces + 6 specials + some merges)')
-  model = train_sentencepiece(corpus_documents(corpus), vocab_size)
-  from doge_jax.data._corpus import corpus_version  # pylint: disable=g-import-not-at-top
+    """Trains on `corpus` (see `corpus_documents`) and writes a HF tokenizer dir to `out_dir`."""
+    if vocab_size < 256 + 6 + 16:
+        raise ValueError(f"--vocab-size={vocab_size} must be >= 278 (256 byte pieces + 6 specials + some merges)")
+    model = train_sentencepiece(corpus_documents(corpus), vocab_size)
+    from doge_jax.data._corpus import corpus_version  # pylint: disable=g-import-not-at-top
 
-  made_by = {
-      'command': f'python -m doge_jax.tokenizer train --corpus {" ".join(corpus)} '
-                 f'--vocab-size {vocab_size} --out {out_dir}',
-      'corpus': [corpus_version() if c == 'default' else c for c in corpus],
-      'vocab_size': vocab_size,
-  }
-  export_hf_tokenizer(model, out_dir, extra_config=made_by)
+    made_by = {
+        "command": f"python -m doge_jax.tokenizer train --corpus {' '.join(corpus)} "
+        f"--vocab-size {vocab_size} --out {out_dir}",
+        "corpus": [corpus_version() if c == "default" else c for c in corpus],
+        "vocab_size": vocab_size,
+    }
+    export_hf_tokenizer(model, out_dir, extra_config=made_by)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-  parser = argparse.ArgumentParser(prog='python -m doge_jax.tokenizer', description=__doc__.split('\n')[0])
-  sub = parser.add_subparsers(dest='command', required=True)
-  train = sub.add_parser('train', help='train a SentencePiece BPE tokenizer and export a HF tokenizer dir')
-  train.add_argument('--corpus', nargs='+', default=['default'],
-                     help="'default' (Python's own docs) and/or text/jsonl/parquet files or globs")
-  train.add_argument('--vocab-size', type=int, default=8192)
-  train.add_argument('--out', required=True, help='output directory (replaced if it exists)')
-  args = parser.parse_args(argv)
-  try:
-    train_tokenizer(args.corpus, args.vocab_size, args.out)
-  except ValueError as e:
-    print(f'error: {e}', file=sys.stderr)
-    return 2
-  print(f'wrote {args.out}')
-  return 0
+    parser = argparse.ArgumentParser(prog="python -m doge_jax.tokenizer", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    train = sub.add_parser("train", help="train a SentencePiece BPE tokenizer and export a HF tokenizer dir")
+    train.add_argument(
+        "--corpus",
+        nargs="+",
+        default=["default"],
+        help="'default' (Python's own docs) and/or text/jsonl/parquet files or globs",
+    )
+    train.add_argument("--vocab-size", type=int, default=8192)
+    train.add_argument("--out", required=True, help="output directory (replaced if it exists)")
+    args = parser.parse_args(argv)
+    try:
+        train_tokenizer(args.corpus, args.vocab_size, args.out)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {args.out}")
+    return 0
 
 
-if __name__ == '__main__':
-  sys.exit(main())
+if __name__ == "__main__":
+    sys.exit(main())

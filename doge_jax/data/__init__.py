@@ -19,11 +19,11 @@ from doge_jax.data._pipeline import IGNORE_INDEX, make_iterator, split_documents
 from doge_jax.tokenizer import load_tokenizer
 
 __all__ = [
-    'IGNORE_INDEX',
-    'data_config_defaults',
-    'default_corpus',
-    'load_tokenizer',
-    'make_iterator',
-    'split_documents',
-    'split_indices',
+    "IGNORE_INDEX",
+    "data_config_defaults",
+    "default_corpus",
+    "load_tokenizer",
+    "make_iterator",
+    "split_documents",
+    "split_indices",
 ]

@@ -33,92 +33,97 @@ import os
 import sys
 import sysconfig
 
-_SKIP_DIRS = frozenset({'site-packages', 'test', 'tests', 'idle_test', '__pycache__'})
+_SKIP_DIRS = frozenset({"site-packages", "test", "tests", "idle_test", "__pycache__"})
 
 
 def _is_public_module_path(rel_path: str) -> bool:
-  parts = rel_path.split(os.sep)
-  if any(p.startswith('_') or p in _SKIP_DIRS for p in parts[:-1]):
-    return False
-  name = parts[-1]
-  return name.endswith('.py') and not name.startswith(('_', 'test_')) and name != 'setup.py'
+    parts = rel_path.split(os.sep)
+    if any(p.startswith("_") or p in _SKIP_DIRS for p in parts[:-1]):
+        return False
+    name = parts[-1]
+    return name.endswith(".py") and not name.startswith(("_", "test_")) and name != "setup.py"
 
 
 def _module_name(rel_path: str) -> str:
-  parts = rel_path[: -len('.py')].split(os.sep)
-  if parts[-1] == '__init__':
-    parts = parts[:-1]
-  return '.'.join(parts)
+    parts = rel_path[: -len(".py")].split(os.sep)
+    if parts[-1] == "__init__":
+        parts = parts[:-1]
+    return ".".join(parts)
 
 
 def _module_files(stdlib: str) -> list[tuple[str, str]]:
-  """(dotted module name, path) of every public standard-library module, sorted by name."""
-  found = []
-  for root, dirs, files in os.walk(stdlib):
-    rel_root = os.path.relpath(root, stdlib)
-    # Only real packages (and the top level) hold modules: skips config-3.x, lib-dynload and the like.
-    dirs[:] = sorted(d for d in dirs if not d.startswith(('_', '.')) and d not in _SKIP_DIRS
-                     and os.path.exists(os.path.join(root, d, '__init__.py')))
-    for name in sorted(files):
-      rel = os.path.normpath(os.path.join(rel_root, name))
-      if _is_public_module_path(rel) or (name == '__init__.py' and rel_root != '.'):
-        found.append((_module_name(rel), os.path.join(root, name)))
-  return sorted(found)
+    """(dotted module name, path) of every public standard-library module, sorted by name."""
+    found = []
+    for root, dirs, files in os.walk(stdlib):
+        rel_root = os.path.relpath(root, stdlib)
+        # Only real packages (and the top level) hold modules: skips config-3.x, lib-dynload and the like.
+        dirs[:] = sorted(
+            d
+            for d in dirs
+            if not d.startswith(("_", "."))
+            and d not in _SKIP_DIRS
+            and os.path.exists(os.path.join(root, d, "__init__.py"))
+        )
+        for name in sorted(files):
+            rel = os.path.normpath(os.path.join(rel_root, name))
+            if _is_public_module_path(rel) or (name == "__init__.py" and rel_root != "."):
+                found.append((_module_name(rel), os.path.join(root, name)))
+    return sorted(found)
 
 
 def _docstrings(tree: ast.Module, module: str):
-  """Yields (qualified name, docstring) for the module and its public classes and functions."""
-  doc = ast.get_docstring(tree)
-  if doc:
-    yield module, doc
+    """Yields (qualified name, docstring) for the module and its public classes and functions."""
+    doc = ast.get_docstring(tree)
+    if doc:
+        yield module, doc
 
-  def walk(body, prefix):
-    for node in body:
-      if isinstance(node, (ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
-        if node.name.startswith('_'):
-          continue
-        qual = f'{prefix}.{node.name}'
-        doc = ast.get_docstring(node)
-        if doc:
-          yield qual, doc
-        if isinstance(node, ast.ClassDef):
-          yield from walk(node.body, qual)
+    def walk(body, prefix):
+        for node in body:
+            if isinstance(node, (ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+                if node.name.startswith("_"):
+                    continue
+                qual = f"{prefix}.{node.name}"
+                doc = ast.get_docstring(node)
+                if doc:
+                    yield qual, doc
+                if isinstance(node, ast.ClassDef):
+                    yield from walk(node.body, qual)
 
-  yield from walk(tree.body, module)
+    yield from walk(tree.body, module)
 
 
 @functools.lru_cache(maxsize=1)
 def default_corpus() -> tuple[str, ...]:
-  """The default corpus as a tuple of documents (see the module docstring); ~1k docs, ~2 MB."""
-  seen: set[bytes] = set()
+    """The default corpus as a tuple of documents (see the module docstring); ~1k docs, ~2 MB."""
+    seen: set[bytes] = set()
 
-  def fresh(text: str) -> bool:
-    key = hashlib.sha1(text.strip().encode()).digest()
-    if key in seen:
-      return False
-    seen.add(key)
-    return True
+    def fresh(text: str) -> bool:
+        key = hashlib.sha1(text.strip().encode()).digest()
+        if key in seen:
+            return False
+        seen.add(key)
+        return True
 
-  documents = []
-  for module, path in _module_files(sysconfig.get_paths()['stdlib']):
-    try:
-      with open(path, 'rb') as f:
-        tree = ast.parse(f.read(), filename=path)
-    except (SyntaxError, ValueError, OSError):
-      continue  # lib2to3 test data and the like are deliberately not valid Python 3
-    sections = [f'{name}\n\n{doc.strip()}' for name, doc in _docstrings(tree, module) if fresh(doc)]
-    if sections:
-      documents.append('\n\n'.join(sections))
+    documents = []
+    for module, path in _module_files(sysconfig.get_paths()["stdlib"]):
+        try:
+            with open(path, "rb") as f:
+                tree = ast.parse(f.read(), filename=path)
+        except (SyntaxError, ValueError, OSError):
+            continue  # lib2to3 test data and the like are deliberately not valid Python 3
+        sections = [f"{name}\n\n{doc.strip()}" for name, doc in _docstrings(tree, module) if fresh(doc)]
+        if sections:
+            documents.append("\n\n".join(sections))
 
-  from pydoc_data import topics  # pylint: disable=g-import-not-at-top  (only needed here)
+    from pydoc_data import topics  # pylint: disable=g-import-not-at-top  (only needed here)
 
-  for name in sorted(topics.topics):
-    text = topics.topics[name].strip()
-    if text and fresh(text):
-      documents.append(text)
-  return tuple(documents)
+    for name in sorted(topics.topics):
+        text = topics.topics[name].strip()
+        if text and fresh(text):
+            documents.append(text)
+    return tuple(documents)
 
 
 def corpus_version() -> str:
-  """Identifies the Python that made the default corpus (it differs between versions)."""
-  return f'CPython {sys.version.split()[0]} stdlib docstrings + pydoc_data.topics'
+    """Identifies the Python that made the default corpus (it differs between versions)."""
+    return f"CPython {sys.version.split()[0]} stdlib docstrings + pydoc_data.topics"
