@@ -26,6 +26,11 @@ def parse_args(argv: list[str] | None = None):
     p.add_argument("--max-batch", type=int, default=d.max_batch, help="sequences decoded together")
     p.add_argument("--max-queue", type=int, default=d.max_queue, help="sequences waiting beyond the batch before 429")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: usable cores - 1, at least 1)")
+    p.add_argument("--decode-path", default=d.decode_path, choices=["static", "dynamic"],
+                   help="static: fixed KV-cache slots and a hand-written decode step (default); "
+                        "dynamic: the model's own forward over a growing cache")
+    p.add_argument("--quantize", default=None, choices=["int8"],
+                   help="int8 weight-only linear layers and LM head (faster; logits change slightly)")
     p.add_argument("--default-max-tokens", type=int, default=None,
                    help="chat budget when a request sets none (default: the rest of the context)")
     p.add_argument("--log-level", default="info")
@@ -40,6 +45,8 @@ def parse_args(argv: list[str] | None = None):
         max_batch=args.max_batch,
         max_queue=args.max_queue,
         threads=args.threads,
+        decode_path=args.decode_path,
+        quantize=args.quantize,
         default_max_tokens=args.default_max_tokens,
         host=args.host,
         port=args.port,

@@ -202,7 +202,8 @@ def create_app(config: ServeConfig, engine: Engine | None = None, tokenizer=None
             except Exception as exc:
                 log.error("cannot load model %r: %s: %s", config.model, type(exc).__name__, exc)
                 raise
-            state.engine = Engine(model, tok, config.max_batch, config.max_queue, config.threads)
+            state.engine = Engine(model, tok, config.max_batch, config.max_queue, config.threads,
+                                  config.decode_path, config.quantize)
             state.tokenizer = tok
         await asyncio.to_thread(state.engine.start)
         log.info("serving %s (max_batch=%d, max_queue=%d, threads=%d)", config.model_name, config.max_batch,

@@ -17,6 +17,8 @@ class ServeConfig:
     max_batch: int = 16  # rows decoded together; 8-16 saturates two CPU cores on Doge-20M
     max_queue: int = 64  # sequences allowed to wait for a batch slot before 429
     threads: int | None = None  # torch intra-op threads; None: all usable cores but one (kept for HTTP)
+    decode_path: str = "static"  # "static": slot cache + hand-written step (faster); "dynamic": the model's forward
+    quantize: str | None = None  # "int8": int8 weight-only linears and LM head
     default_max_tokens: int | None = None  # chat default when the request sets none; None = rest of the context
     host: str = "127.0.0.1"
     port: int = 8000
@@ -28,6 +30,10 @@ class ServeConfig:
             raise ValueError(f"max_queue={self.max_queue} must be >= 0")
         if self.dtype not in ("float32", "bfloat16", "float16"):
             raise ValueError(f"dtype={self.dtype!r} must be one of float32, bfloat16, float16")
+        if self.decode_path not in ("static", "dynamic"):
+            raise ValueError(f"decode_path={self.decode_path!r} must be one of static, dynamic")
+        if self.quantize not in (None, "int8"):
+            raise ValueError(f"quantize={self.quantize!r} must be int8 or unset")
         if self.default_max_tokens is not None and self.default_max_tokens < 1:
             raise ValueError(f"default_max_tokens={self.default_max_tokens} must be >= 1")
 

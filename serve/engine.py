@@ -8,6 +8,11 @@ throughput comes from.
 
 The event loop never touches torch: `submit` (called on the loop) enqueues, and the worker hands each step's
 output back with `loop.call_soon_threadsafe`. `RequestHandle.cancel` (a disconnect) is noticed at the next step.
+
+Two decode paths share this loop: "static" (the default) keeps rows in the fixed slots of `static_cache.SlotBatch`
+and decodes with the hand-written `decode_step.DecodeStep`; "dynamic" keeps them in `kv_batch.KVBatch` and
+decodes through the model's own forward (also the fallback for configs the static step does not implement).
+Prefills always run through the model's own forward.
 """
 
 from __future__ import annotations
@@ -24,8 +29,11 @@ from dataclasses import dataclass, field
 import torch
 
 from serve.detokenize import IncrementalDetokenizer
+from serve.decode_step import DecodeStep
 from serve.kv_batch import KVBatch
+from serve.quantize import quantize_linears
 from serve.sampling import RowState, SamplingParams, make_generator, sample
+from serve.static_cache import SlotBatch
 from serve.stops import StopStringFilter
 
 log = logging.getLogger("serve.engine")
@@ -111,8 +119,17 @@ class _Row:
     finished: bool = False
 
 
+DECODE_PATHS = ("static", "dynamic")
+QUANTIZE = (None, "int8")
+
+
 class Engine:
-    def __init__(self, model, tokenizer, max_batch: int = 16, max_queue: int = 64, threads: int | None = None):
+    def __init__(self, model, tokenizer, max_batch: int = 16, max_queue: int = 64, threads: int | None = None,
+                 decode_path: str = "static", quantize: str | None = None):
+        if decode_path not in DECODE_PATHS:
+            raise ValueError(f"decode_path={decode_path!r} must be one of {DECODE_PATHS}")
+        if quantize not in QUANTIZE:
+            raise ValueError(f"quantize={quantize!r} must be one of {QUANTIZE}")
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.max_batch = max_batch
@@ -121,7 +138,20 @@ class Engine:
         self.eos_ids = _eos_ids(model, tokenizer)
         self.threads = threads or default_threads()
         torch.set_num_threads(self.threads)
-        self._batch = KVBatch(self.model)
+        self.quantize = quantize
+        if quantize == "int8":
+            done, skipped = quantize_linears(self.model)
+            log.info("int8 weight-only: %d linear layers quantised%s", done,
+                     f", {len(skipped)} kept in float32 ({', '.join(skipped[:3])}...)" if skipped else "")
+        self._step = None
+        if decode_path == "static":
+            try:
+                self._step = DecodeStep(self.model)
+            except ValueError as exc:
+                log.warning("static decode path unavailable (%s); decoding through the model's forward", exc)
+        self.decode_path = "static" if self._step is not None else "dynamic"
+        self.warmup_seconds = 0.0
+        self._batch = self._new_batch()
         self._rows: list[_Row] = []
         self._waiting: collections.deque[RequestHandle] = collections.deque()
         self._in_flight = 0  # sequences submitted and not yet finished (waiting + running)
@@ -175,10 +205,28 @@ class Engine:
 
     # ---- worker side ------------------------------------------------------------------------------------------
 
+    def _new_batch(self) -> KVBatch | SlotBatch:
+        if self._step is None:
+            return KVBatch(self.model)
+        return SlotBatch(self._step, self.max_batch, self.max_model_len)
+
     def _warmup(self) -> None:
-        """One tiny prefill + decode, so the first request does not pay for lazy initialisation."""
-        batch, logits = KVBatch(self.model).prefill([[self.eos_ids[0] if self.eos_ids else 0] * 2])
-        batch.decode([int(logits[0].argmax())])
+        """A prefill and decode steps at batch 1 and at `max_batch`, so no request pays for lazy initialisation
+        (allocator, oneDNN/MKL kernels chosen per shape). Runs before the server answers /health."""
+        t0 = time.perf_counter()
+        log.info("warming up the %s decode path (max_batch=%d%s)...", self.decode_path, self.max_batch,
+                 ", int8" if self.quantize else "")
+        token = self.eos_ids[0] if self.eos_ids else 0
+        for rows in sorted({1, self.max_batch}):
+            prefill, logits = KVBatch(self.model).prefill([[token] * 2])
+            prefill.repeat_rows([rows])
+            batch = self._new_batch()
+            batch.merge(prefill)
+            for _ in range(2):
+                batch.decode([int(logits[0].argmax())] * rows)
+        self.warmup_seconds = time.perf_counter() - t0
+        cache = f", KV cache {self._batch.cache.nbytes / 2**20:.1f} MiB to start" if self._step is not None else ""
+        log.info("warm-up done in %.2f s (%s decode path%s)", self.warmup_seconds, self.decode_path, cache)
 
     def _run(self) -> None:
         while True:
@@ -320,7 +368,7 @@ class Engine:
             if handle.unfinished:
                 self._release(handle, handle.unfinished)
                 self._push(handle, EngineFailure(message))
-        self._rows, self._batch = [], KVBatch(self.model)
+        self._rows, self._batch = [], self._new_batch()
 
 
 def _eos_ids(model, tokenizer) -> list[int]:
