@@ -14,7 +14,8 @@ The DMA mask is transformers' `prepare_dynamic_mask`: a key's bias is its `dt` w
 dtype minimum elsewhere; when a row holds more than `keep_window_size` keys, only the top `keep_window_size`
 biases (`torch.topk`) stay and the rest become the minimum. It is added to q·k/√H before the softmax.
 
-Legend: B rows (slots), S key length, N heads, K kv heads, G = N / K, H head dim, D model dim, F ff dim, V vocab.
+Legend: B rows (slots), S key length, N heads, K kv heads, G = N / K, H head dim, D model dim, F ff dim, V vocab,
+E_k experts per token.
 """
 
 from __future__ import annotations
@@ -67,9 +68,30 @@ class _Layer:
         self.qk_norm_weight = torch.cat([attn.q_norm.weight.detach().expand(n, -1),
                                          attn.k_norm.weight.detach().expand(k, -1)])  # [N + K, H]
         self.moe = bool(layer.config.is_moe)
+        self.gate_up = _Fused([layer.mlp.gate_proj, layer.mlp.up_proj])  # CDMoE's shared expert has them too
+        self.ff = layer.mlp.intermediate_size
+
+    def mlp(self, h: torch.Tensor) -> torch.Tensor:
+        """[B, D] -> [B, D]: the dense MLP, or CDMoE routed per token."""
+        mlp = self.layer.mlp
+        gate_up = self.gate_up(h)  # [B, 2F]
+        out = mlp.down_proj(mlp.act_fn(gate_up[:, : self.ff]) * gate_up[:, self.ff :])
         if not self.moe:
-            self.gate_up = _Fused([layer.mlp.gate_proj, layer.mlp.up_proj])
-            self.ff = layer.mlp.intermediate_size
+            return out
+        # transformers views router logits as (2, B*T, keys), which pairs x/y scores of different tokens when
+        # B*T > 1; for one token it is (x | y) of that token, which is what each row gets here.
+        B = h.shape[0]
+        scores, index = mlp.router_gate(h).view(B, 2, -1).topk(mlp.num_keys, dim=-1)  # [B, 2, keys]
+        all_scores = (scores[:, 0, :, None] + scores[:, 1, None, :]).view(B, -1)  # [B, keys * keys]
+        all_index = (index[:, 0, :, None] * mlp.num_keys + index[:, 1, None, :]).view(B, -1)
+        top, position = all_scores.topk(mlp.top_k, dim=-1)  # [B, E_k]
+        experts = all_index.gather(-1, position)
+        weights = F.softmax(top, dim=-1)
+        if mlp.norm_topk_prob:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        down, up = mlp.down_embed(experts), mlp.up_embed(experts)  # [B, E_k, D]
+        expert_weights = mlp.act_fn(torch.matmul(down, h[:, :, None])[..., 0]) * weights  # [B, E_k]
+        return out + torch.matmul(expert_weights[:, None, :], up)[:, 0]
 
 
 class DecodeStep:
@@ -137,12 +159,7 @@ class DecodeStep:
             residual = x
             h = F.rms_norm(x, (x.shape[-1],), layer.post_attention_layernorm.weight,
                            layer.post_attention_layernorm.variance_epsilon)
-            if lay.moe:
-                h = layer.mlp(h[:, None])[0][:, 0]
-            else:
-                gate_up = lay.gate_up(h)  # [B, 2F]
-                h = layer.mlp.down_proj(layer.mlp.act_fn(gate_up[:, : lay.ff]) * gate_up[:, lay.ff :])
-            x = layer.post_attention_residual * residual + h
+            x = layer.post_attention_residual * residual + lay.mlp(h)
         norm = self.model.model.norm
         x = F.rms_norm(x[rows], (x.shape[-1],), norm.weight, norm.variance_epsilon)
         return self.model.lm_head(x).float()  # [rows, V]

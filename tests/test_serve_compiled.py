@@ -1,0 +1,242 @@
+"""The static decode path (fixed KV-cache slots + the hand-written step) and int8 weight-only quantisation.
+
+Greedy tokens must equal transformers' `generate` on each prompt alone (float32), with rows joining and leaving at
+any step, prompts longer than `keep_window_size` (the DMA top-k path) and a cache that grows past one chunk; the
+engine must give the same through concurrent requests; int8 logits stay within a stated error of float32 on a
+briefly trained model's held-out text; the server warms up before /health answers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import time
+
+import httpx
+import pytest
+import torch
+from transformers import DogeConfig, DogeForCausalLM
+
+from serve.decode_step import DecodeStep
+from serve.engine import Engine
+from serve.kv_batch import KVBatch
+from serve.quantize import Int8Linear, quantize_linears
+from serve.sampling import SamplingParams
+from serve.static_cache import CHUNK, SlotBatch
+
+from serve_fixtures import ServerProcess, tiny_model_dir  # noqa: F401  (pytest fixture)
+
+VOCAB = 512
+WINDOW = 16  # keep_window_size: every prompt below but one is longer, so the top-k mask is exercised
+# int8 against float32 on the trained tiny model's held-out text (1,024 positions, mean |logit| 2.0); measured on
+# torch 2.13: max |dlogit| 0.072, mean 0.0085, top-1 agreement 99.1 %.
+INT8_LOGIT_MAX_ABS = 0.2
+INT8_LOGIT_MEAN_ABS = 0.02
+INT8_TOP1_AGREEMENT = 0.985
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def random_doge(seed: int = 0, **overrides) -> DogeForCausalLM:
+    kwargs = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=1024, keep_window_size=WINDOW,
+                  tie_word_embeddings=False)
+    kwargs.update(overrides)
+    torch.manual_seed(seed)
+    model = DogeForCausalLM(DogeConfig(**kwargs)).eval()
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.A.normal_(0.0, 0.5)  # A = 0 makes every dt equal: a top-k of ties
+    return model
+
+
+def distinct_prompt(n: int, seed: int) -> list[int]:
+    """Distinct tokens: dt depends only on a key's token at layer 0, so repeats would tie in the top-k."""
+    return torch.randperm(VOCAB, generator=torch.Generator().manual_seed(seed))[:n].tolist()
+
+
+def greedy_generate(model, prompt: list[int], new: int) -> list[int]:
+    with torch.inference_mode():
+        out = model.generate(torch.tensor([prompt]), max_new_tokens=new, min_new_tokens=new, do_sample=False,
+                             pad_token_id=0, eos_token_id=None)
+    return out[0, len(prompt) :].tolist()
+
+
+@pytest.mark.parametrize("moe", [False, True], ids=["dense", "cdmoe"])
+def test_slots_joining_and_leaving_decode_what_generate_decodes(moe):
+    overrides = dict(is_moe=True, num_experts=64, num_experts_per_tok=4) if moe else {}
+    model = random_doge(seed=1, **overrides)
+    new = 20
+    # (prompt length, step it joins at, step it leaves at); 250 + 20 crosses the first CHUNK of cache columns.
+    # One prefill per join step: transformers' CDMoE routes a multi-row prefill with scores mixed across rows, so
+    # only a one-prompt prefill is generate's; the dense model also prefills two prompts together.
+    plan = [(3, 0, new), (40, 0 if not moe else 1, 9), (CHUNK - 6, 2, new + 2), (25, 9, new + 9)]
+    prompts = [distinct_prompt(n, seed=i) for i, (n, _, _) in enumerate(plan)]
+    expected = [greedy_generate(model, p, new) for p in prompts]
+    batch = SlotBatch(DecodeStep(model), slots=3, max_len=1024)
+    produced: dict[int, list[int]] = {}
+    order: list[int] = []  # request index of each batch row
+    for step in range(new + 10):
+        leaving = [r for r, i in enumerate(order) if plan[i][2] == step]
+        if leaving:
+            batch.select([r for r in range(len(order)) if r not in leaving])
+            order = [i for r, i in enumerate(order) if r not in leaving]
+        joining = [i for i, (_, join, _) in enumerate(plan) if join == step]
+        if joining:
+            prefill, logits = KVBatch(model).prefill([prompts[i] for i in joining])
+            batch.merge(prefill)
+            for i, row in zip(joining, logits):
+                produced[i] = [int(row.argmax())]
+            order += joining
+        live = [i for i in order if len(produced[i]) < new]  # rows that joined this step decode at once too
+        if live:
+            logits = batch.decode([produced[i][-1] for i in order])
+            for r, i in enumerate(order):
+                if i in live:
+                    produced[i].append(int(logits[r].argmax()))
+    assert batch.cache.capacity == 2 * CHUNK  # grew once, for the long prompt
+    assert sorted(batch.slot_of_row) == []  # everyone left; slot 3 was never needed
+    for i, (n, join, leave) in enumerate(plan):
+        done = min(new, leave - join)
+        assert produced[i][:done] == expected[i][:done], f"request {i} (prompt {n}) diverged"
+        assert len(produced[i]) >= done
+
+
+def test_engine_requests_join_and_leave_slots_and_match_generate(tiny_model_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    reference = copy.deepcopy(model)  # the engine fuses weights in place; generate runs on an untouched copy
+    engine = Engine(model, tokenizer, max_batch=3, max_queue=8, threads=1)
+    assert engine.decode_path == "static"
+    lengths, budgets = [4, 31, 12, 7, 19, 2], [24, 6, 30, 10, 16, 12]
+    prompts = [[5 + (7 * i + 13 * j) % 400 for j in range(n)] for i, n in enumerate(lengths)]
+
+    async def tokens_of(handle) -> list[int]:
+        ids = {}
+        async for deltas in handle.deltas():
+            for d in deltas:
+                ids.setdefault(d.index, []).extend(lp.token_id for lp in d.logprobs)
+        return ids[0]
+
+    async def run():
+        engine.start()
+        handles = []
+        for p, m in zip(prompts, budgets):  # more requests than slots: later ones wait for a slot to free up
+            handles.append(engine.submit([p], SamplingParams(max_tokens=m, temperature=0.0, logprobs=0)))
+            await asyncio.sleep(0.005)
+        cancelled = engine.submit([prompts[0]], SamplingParams(max_tokens=400, temperature=0.0, ignore_eos=True))
+        stream = cancelled.deltas()
+        await stream.__anext__()
+        cancelled.cancel()
+        await stream.aclose()
+        outputs = [await tokens_of(h) for h in handles]
+        for _ in range(200):
+            if engine.num_running == 0:
+                break
+            await asyncio.sleep(0.01)
+        return outputs, cancelled
+
+    try:
+        outputs, cancelled = asyncio.run(run())
+    finally:
+        engine.stop()
+    assert engine.peak_rows == 3 and cancelled.completion_tokens < 400
+    assert engine._in_flight == 0 and engine._batch.rows == 0
+    for p, m, got in zip(prompts, budgets, outputs):
+        want = greedy_generate(reference, p, m)
+        stops = [k for k, t in enumerate(want) if t in engine.eos_ids]
+        want = want[: stops[0] + 1] if stops else want  # the engine stops at the first EOS, generate went on
+        assert got == want, (p, got, want)
+
+
+def test_int8_linear_is_its_dequantised_weights():
+    g = torch.Generator().manual_seed(3)
+    linear = torch.nn.Linear(64, 48)
+    with torch.no_grad():
+        linear.weight.copy_(torch.randn(48, 64, generator=g) * 0.05)
+    q = Int8Linear.from_linear(linear)
+    assert q.qweight.dtype == torch.int8 and int(q.qweight.abs().max()) <= 127
+    # Per-row error of the weights is at most half a quantisation step (scales rounded up to bfloat16 values).
+    step = q.scales.float()[:, None]
+    assert ((q.dequantized() - linear.weight).abs() <= step / 2 + 1e-9).all()
+    x = torch.randn(5, 64, generator=g)
+    ref = x.bfloat16().float() @ q.dequantized().T + linear.bias
+    torch.testing.assert_close(q(x), ref.detach(), atol=2e-2, rtol=1e-2)  # bfloat16 output rounding
+    assert quantize_linears(torch.nn.Sequential(torch.nn.Linear(8, 4), torch.nn.Linear(32, 4))) == (1, ["0"])
+
+
+def _trained_tiny_doge():
+    """A tiny Doge trained for a few seconds on stdlib prose, so its logits are as peaked as a real model's."""
+    from serve.testing import _training_text, make_tokenizer
+
+    tokenizer = make_tokenizer(vocab_size=VOCAB)
+    ids = tokenizer("\n\n".join(_training_text()))["input_ids"]
+    data = torch.tensor(ids[: 64 * 1200]).view(-1, 64)  # [sequences, 64]
+    held_out, train = data[-16:], data[:-16]
+    model = random_doge(seed=2, vocab_size=len(tokenizer), tie_word_embeddings=True, keep_window_size=2048)
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(120):
+        batch = train[torch.randint(0, len(train), (16,), generator=g)]
+        loss = model(input_ids=batch, labels=batch).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return model.eval(), held_out, float(loss.detach())
+
+
+def test_int8_logit_error_and_top1_agreement_on_held_out_text():
+    model, held_out, loss = _trained_tiny_doge()
+    assert loss < 5.0  # it learned something (uniform is ln 512 = 6.2)
+    quantized = copy.deepcopy(model)
+    done, skipped = quantize_linears(quantized)
+    assert done == 2 * 7 + 1 and skipped == []  # q, k, v, o, gate, up, down per layer and the LM head (not dt_proj)
+    assert isinstance(quantized.lm_head, Int8Linear)
+    with torch.inference_mode():
+        ref, got = model(held_out).logits, quantized(held_out).logits  # [B, T, V]
+    err = (got - ref).abs()
+    agreement = float((got.argmax(-1) == ref.argmax(-1)).float().mean())
+    print(f"int8 vs float32 on held-out text: loss {loss:.2f}, max |dlogit| {float(err.max()):.4f}, "
+          f"mean {float(err.mean()):.5f}, mean |logit| {float(ref.abs().mean()):.3f}, top-1 agreement {agreement:.4f}")
+    assert float(err.max()) < INT8_LOGIT_MAX_ABS and float(err.mean()) < INT8_LOGIT_MEAN_ABS, (err.max(), err.mean())
+    assert agreement >= INT8_TOP1_AGREEMENT, agreement
+    # The static step on the int8 model computes what the int8 model's own forward computes.
+    prompt = held_out[0, :40].tolist()
+    batch = SlotBatch(DecodeStep(quantized), slots=2, max_len=1024)
+    prefill, _ = KVBatch(quantized).prefill([prompt[:30]])
+    batch.merge(prefill)
+    stepped = torch.stack([batch.decode([t])[0] for t in prompt[30:]])
+    torch.testing.assert_close(stepped, got[0, 30:40].float(), atol=2e-3, rtol=0)
+
+
+def test_server_warms_up_before_health_answers(tiny_model_dir, tmp_path):
+    server = ServerProcess(tiny_model_dir, tmp_path / "server.log", "--log-level", "info", "--threads", "1",
+                           "--quantize", "int8", "--max-batch", "4")
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(server.url + "/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert server.proc.poll() is None, server.log()
+            time.sleep(0.05)
+        log = server.log_path.read_text(errors="replace")
+        assert "warming up the static decode path" in log and "int8 weight-only" in log, log
+        # Every line before the first 200 from /health: the warm-up finished before the app served anything.
+        assert log.index("warm-up done in") < log.index("Application startup complete"), log
+        r = httpx.post(server.url + "/v1/completions", json={"model": "tiny-doge", "prompt": "The parser",
+                                                             "max_tokens": 5, "temperature": 0}, timeout=60)
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] >= 1
+    finally:
+        server.stop()
