@@ -6,9 +6,11 @@ computes the same function for one new token per row with fewer ops: q/k/v and g
 matmul each (the model's own weight tensors become views into the fused ones, so nothing is copied), one RMSNorm
 over q and k together, RoPE with a roll, and the DMA bias `dt` of each key computed once and cached beside K/V.
 
-Why not `torch.compile`: measured on this box (2-core AMD EPYC, torch 2.13, Doge-20M shape, batch 1, 1 thread),
-inductor's graph of this very function decoded at 63-77 tok/s against 120-145 eager, after 20-50 s of compiling;
-`benchmarks/bench_serve.py --compile-check` repeats the measurement.
+Why not `torch.compile` on top: a Doge decode step is bound by reading the weights once the step is hand-written
+(Doge-20M's float32 LM head alone is 33.5 MB a token), so inductor has little left to win, and it costs a compile
+at every server start. Measured on the 2-core AMD EPYC box (torch 2.13, Doge-20M shape, batch 1, 1 thread,
+shared with other jobs): 0.5-0.9x eager with the 32k vocab in early versions of this step, 1.2x with a 4k
+vocab after ~2 min of compiling; `benchmarks/bench_serve.py --compile-check` repeats it on the 32k-vocab models.
 
 The DMA mask is transformers' `prepare_dynamic_mask`: a key's bias is its `dt` where the key is valid and the
 dtype minimum elsewhere; when a row holds more than `keep_window_size` keys, only the top `keep_window_size`
@@ -95,7 +97,7 @@ class _Layer:
 
 
 class DecodeStep:
-    """`step(tokens, positions, cache, rows)`: logits [len(rows), V] of the next token, one new token per slot."""
+    """`step(tokens, positions, cache, rows, keys)`: next-token logits [len(rows), V], one new token per slot."""
 
     def __init__(self, model: nn.Module):
         cfg = model.config
@@ -122,11 +124,13 @@ class DecodeStep:
         return torch.exp(attn.A * F.softplus(attn.dt_proj(v))).transpose(-1, -2)
 
     @torch.inference_mode()
-    def __call__(self, tokens: torch.Tensor, positions: torch.Tensor, cache, rows: torch.Tensor) -> torch.Tensor:
-        """tokens [B], positions [B] (the cache column each new token goes to), rows: the slots to return."""
-        B = tokens.shape[0]
+    def __call__(self, tokens: torch.Tensor, positions: torch.Tensor, cache, rows: torch.Tensor,
+                 keys: int) -> torch.Tensor:
+        """tokens [B], positions [B] (the cache column each new token goes to), rows: the slots to return,
+        keys: max(positions) + 1, the key columns read (a Python int, so a traced graph has no data-dependent
+        shape)."""
+        B, S = tokens.shape[0], keys
         N, K, G, H = self.heads, self.kv_heads, self.groups, self.head_dim
-        S = int(positions.max()) + 1
         minimum = torch.finfo(self.dtype).min
         x = self.model.model.embed_tokens(tokens)  # [B, D]
         cos, sin = self.model.model.rotary_emb(x, positions[:, None])  # [B, 1, H]
@@ -134,7 +138,7 @@ class DecodeStep:
         sin = torch.cat([-sin[..., : H // 2], sin[..., H // 2 :]], dim=-1)
         slot = torch.arange(B)
         valid = torch.arange(S)[None, :] <= positions[:, None]  # [B, S]
-        top_k = int(valid.sum(-1).max()) > self.window
+        top_k = S > self.window  # the longest row holds S keys
         for i, lay in enumerate(self.layers):
             attn, layer = lay.attn, lay.layer
             residual = x

@@ -117,7 +117,8 @@ class SlotBatch:
         ids = torch.zeros(high, dtype=torch.long)
         ids[rows] = torch.tensor(tokens, dtype=torch.long)
         positions = self.lengths[:high].clone()  # free slots write (and read) column 0, which nobody reads
-        self.cache.ensure(int(positions.max()) + 1)
-        logits = self.step(ids, positions, self.cache, rows)
+        keys = int(positions.max()) + 1
+        self.cache.ensure(keys)
+        logits = self.step(ids, positions, self.cache, rows, keys)
         self.lengths[rows] += 1
         return logits
