@@ -110,7 +110,6 @@ class DecodeStep:
         self.head_dim = attn.head_dim
         self.groups = self.heads // self.kv_heads
         self.window = int(cfg.keep_window_size)
-        self.eps = cfg.rms_norm_eps
         self.layers = [_Layer(layer) for layer in model.model.layers[: cfg.num_hidden_layers]]
 
     @property
@@ -148,17 +147,17 @@ class DecodeStep:
             qk = F.rms_norm(qk, (H,), None, attn.q_norm.variance_epsilon) * lay.qk_norm_weight
             qk = qk * cos + qk.roll(H // 2, dims=-1) * sin  # RoPE, [B, N + K, H]
             v = qkv[:, (N + K) * H :].view(B, K, H)
-            keys, values, dts = cache.keys[i], cache.values[i], cache.dts[i]  # [slots, K, cap, H], [slots, K, cap]
-            keys[slot, :, positions] = qk[:, N:]
-            values[slot, :, positions] = v
-            dts[slot, :, positions] = torch.exp(attn.A * F.softplus(attn.dt_proj(v.reshape(B, K * H))))
-            bias = torch.where(valid[:, None, :], dts[:B, :, :S], minimum)  # [B, K, S]
+            k_cache, v_cache, dt_cache = cache.keys[i], cache.values[i], cache.dts[i]  # [slots, K, cap(, H)]
+            k_cache[slot, :, positions] = qk[:, N:]
+            v_cache[slot, :, positions] = v
+            dt_cache[slot, :, positions] = torch.exp(attn.A * F.softplus(attn.dt_proj(v.reshape(B, K * H))))
+            bias = torch.where(valid[:, None, :], dt_cache[:B, :, :S], minimum)  # [B, K, S]
             if top_k:
                 kept = torch.topk(bias, self.window, dim=-1, largest=True, sorted=False).indices
                 bias = bias.masked_fill(~torch.zeros_like(bias, dtype=torch.bool).scatter_(-1, kept, True), minimum)
             q = qk[:, :N].view(B, K, G, H)  # each kv head's G query heads act as G query rows
-            out = F.scaled_dot_product_attention(q, keys[:B, :, :S], values[:B, :, :S], attn_mask=bias[:, :, None, :],
-                                                 scale=attn.scaling)  # [B, K, G, H]
+            out = F.scaled_dot_product_attention(q, k_cache[:B, :, :S], v_cache[:B, :, :S],
+                                                 attn_mask=bias[:, :, None, :], scale=attn.scaling)  # [B, K, G, H]
             x = layer.input_residual * residual + attn.o_proj(out.reshape(B, N * H))
             residual = x
             h = F.rms_norm(x, (x.shape[-1],), layer.post_attention_layernorm.weight,

@@ -12,7 +12,7 @@ its output decides which keys survive DMA's top-k, a discrete choice that a smal
 trained tiny Doge with a 16-key window over 64 tokens: quantising `dt_proj` alone moved a logit by 0.53), and it
 is 0.03 % of Doge-20M's weights.
 
-Error, measured by tests/test_serve_compiled.py on a random Doge: see `INT8_LOGIT_*` there and the README.
+Measured error: `INT8_LOGIT_*` in tests/test_serve_compiled.py (a briefly trained tiny Doge) and serve/README.md.
 """
 
 from __future__ import annotations
