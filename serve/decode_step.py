@@ -7,10 +7,10 @@ matmul each (the model's own weight tensors become views into the fused ones, so
 over q and k together, RoPE with a roll, and the DMA bias `dt` of each key computed once and cached beside K/V.
 
 Why not `torch.compile` on top: a Doge decode step is bound by reading the weights once the step is hand-written
-(Doge-20M's float32 LM head alone is 33.5 MB a token), so inductor has little left to win, and it costs a compile
-at every server start. Measured on the 2-core AMD EPYC box (torch 2.13, Doge-20M shape, batch 1, 1 thread,
-shared with other jobs): 0.5-0.9x eager with the 32k vocab in early versions of this step, 1.2x with a 4k
-vocab after ~2 min of compiling; `benchmarks/bench_serve.py --compile-check` repeats it on the 32k-vocab models.
+(Doge-20M's float32 LM head alone is 33.5 MB a token), so inductor has little left to win, and every server start
+would pay its compile. `benchmarks/bench_serve.py --compile-check` on the 2-core AMD EPYC box (torch 2.13, batch 1,
+1 thread, 32k vocab, box shared with other jobs, load ~13): Doge-20M 1.26x eager after 126 s of compiling,
+Doge-60M 0.73x after 322 s. An earlier version of this step, writing into global cache tensors, ran 0.5-0.6x.
 
 The DMA mask is transformers' `prepare_dynamic_mask`: a key's bias is its `dt` where the key is valid and the
 dtype minimum elsewhere; when a row holds more than `keep_window_size` keys, only the top `keep_window_size`
