@@ -26,8 +26,9 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 import bench_dma  # noqa: E402
-from doge_jax import dma  # noqa: E402
-from doge_jax.kernels import dma_pallas  # noqa: E402
+from doge_jax.kernels.gpu_dma import dma_pallas_gpu  # noqa: E402
+from doge_jax.model.dma_reference import dma_reference  # noqa: E402
+from doge_jax.model.mask import MaskSpec  # noqa: E402
 
 # name, shapes, keyword arguments shared by kernel and reference
 CASES = [
@@ -65,9 +66,9 @@ def check_case(name, shapes, extra):
     shapes = dict(shapes)
     dtype = jnp.dtype(shapes.pop("dtype"))
     args, do = bench_dma.make_inputs(0, dtype=dtype, **shapes)
-    kw = dict(_mask_kwargs(shapes["B"], shapes["T"], extra), scale=shapes["H"] ** -0.5)
-    kernel = lambda *a: dma_pallas(*a, **kw)  # noqa: E731
-    reference = lambda *a: dma.dynamic_mask_attention(*a, **kw)  # noqa: E731
+    mask, scale = MaskSpec(**_mask_kwargs(shapes["B"], shapes["T"], extra)), shapes["H"] ** -0.5
+    kernel = lambda *a: dma_pallas_gpu(*a, mask, scale=scale)  # noqa: E731
+    reference = lambda *a: dma_reference(*a, mask, scale=scale)  # noqa: E731
     names = ["out", "dq", "dk", "dv", "ddt"]
     got = _vjp(kernel, args, do)
     with jax.default_matmul_precision("highest"):

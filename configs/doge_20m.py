@@ -10,7 +10,7 @@ def get_config():
     m.hidden_size = 256
     m.intermediate_size = 512
     m.num_attention_heads = 2
-    m.num_key_value_heads = 1
+    base.doge_architecture(m, num_key_value_heads=1)  # tied embeddings, dynamic NTK RoPE ×4, GQA
     # The seed recipe: 4B tokens = 8000 steps x 256 sequences x 2048, WSD decaying over the last 10 %.
     config.optimizer.lr = 0.008
     config.total_steps = 8000

@@ -12,7 +12,7 @@ def get_config():
     m.hidden_size = 256
     m.intermediate_size = 768
     m.num_attention_heads = 2
-    m.num_key_value_heads = 1
+    base.doge_architecture(m, num_key_value_heads=1)  # tied embeddings, dynamic NTK RoPE ×4, GQA
     m.is_moe = True
     m.num_experts = 1024
     m.num_experts_per_tok = 8

@@ -10,7 +10,7 @@ import numpy as np
 
 from convert import hf
 from doge_jax import checkpoint as ckpt
-from doge_jax import model as model_lib
+from doge_jax.model import decoder as model_lib
 
 HUB_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"]
 

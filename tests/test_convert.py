@@ -18,7 +18,7 @@ from flax import nnx
 import convert
 import doge_jax
 from doge_jax import checkpoint as ckpt
-from doge_jax import model as model_lib
+from doge_jax.model import decoder as model_lib
 from doge_jax.data import load_tokenizer
 from hf_reference import random_ids
 

@@ -30,8 +30,8 @@ from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from doge_jax import checkpoint as ckpt
-from doge_jax import model as model_lib
-from doge_jax import sharding as sh
+from doge_jax.model import decoder as model_lib
+from doge_jax.parallel import sharding as sh
 from doge_jax.trainer import checkpointing, flops, metrics, optim, step as step_lib, validate
 from doge_jax.trainer.batches import BatchSource, ShardedBatches, microbatch_sharding
 from doge_jax.trainer.mesh import data_parallel_size, make_mesh
@@ -44,9 +44,9 @@ class TrainingDiverged(RuntimeError):
     """A non-finite loss or gradient norm; the message names the last good checkpoint."""
 
 
-def _data_error(e: Exception) -> ConfigError:
-    msg = str(e)
-    return ConfigError(f"config.{msg}" if msg.startswith("data.") else msg)
+def _data_error(e: ValueError) -> ConfigError:
+    """A data pipeline error as a ConfigError (exit 2). Bad config values already are one, with their field."""
+    return e if isinstance(e, ConfigError) else ConfigError(str(e))
 
 
 def pretrain_source(config, tokenizer) -> BatchSource:

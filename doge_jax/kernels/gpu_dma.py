@@ -1,6 +1,6 @@
-"""dma_pallas: the fused kernel behind doge_jax.dma.dynamic_mask_attention(impl="pallas").
+"""dma_pallas_gpu: the fused Triton kernel for Dynamic Mask Attention (`attention_impl="pallas_gpu"`).
 
-Same inputs, masks and outputs as the reference (`doge_jax.dma`). What happens here, around the kernel:
+Same inputs, masks and outputs as the reference (`doge_jax.model.dma_reference`). What happens here, around the kernel:
 - layouts: R query heads folded into rows, K/V per kv head (see _flash), sequences padded to the tiles;
 - top-k thresholds (_topk): a prefix order statistic for causal/padding masks, exact chunked top_k otherwise;
 - the sparse walk (long context): keys permuted per chunk by how long they stay useful, so each query tile reads
@@ -9,45 +9,27 @@ Same inputs, masks and outputs as the reference (`doge_jax.dma`). What happens h
   average of all S values, because every score is the same float32 min. The kernel returns nothing for them and
   `_uniform_rows` substitutes that average, with the reference's gradients (which are not zero: the reference
   differentiates through the flat softmax).
-Falls back to the reference for: dropout (rate > 0 with an rng), a traced or per-batch q_offset (decoding with a
-cache), TPU (this kernel is written for Triton; Mosaic TPU needs a different memory layout, not done yet), and on
-GPU for tiles Triton cannot take (rows or head dim not a power of two ≥ 16).
+What it cannot take (`gpu_unsupported_reason` says which, in one line; the dispatcher in
+`doge_jax.model.attention_impl` raises it for `"pallas_gpu"` and falls back only for `"auto"`): dropout, a traced
+or per-batch q_offset (decoding with a cache), and on a GPU tiles Triton cannot take (rows or head dim not a power
+of two ≥ 16).
 """
 
 from __future__ import annotations
 
 import functools
-import warnings
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from doge_jax import dma
-from doge_jax.kernels import _flash, _topk
-
-_WARNED: set[str] = set()
-
-
-def _warn_once(message: str) -> None:
-    if message not in _WARNED:
-        _WARNED.add(message)
-        warnings.warn(message, stacklevel=3)
+from doge_jax.kernels import gpu_flash as _flash
+from doge_jax.kernels import topk as _topk
+from doge_jax.model.mask import MaskSpec
 
 
 def _triton_tiles_ok(rows: int, block_k: int, head_dim: int) -> bool:
     """Triton tiles are powers of two, and its matmuls need every dimension ≥ 16."""
     return all(x >= 16 and x & (x - 1) == 0 for x in (rows, block_k, head_dim))
-
-
-def _static_offset(q_offset) -> int | None:
-    """q_offset as a Python int, or None when it is traced or per batch (the kernel then falls back)."""
-    if isinstance(q_offset, (int, np.integer)):
-        return int(q_offset)
-    if isinstance(q_offset, jax.core.Tracer):
-        return None
-    arr = np.asarray(q_offset)
-    return int(arr) if arr.ndim == 0 else None
 
 
 def _round_up(x: int, m: int) -> int:
@@ -99,17 +81,15 @@ def _uniform_rows(q, k, v, scale):
     return out.reshape(b, t, n, h)
 
 
-def _topk_setup(dt, dt_w, valid, *, t, t_pad, w, offset, kv_mask, q_segment_ids, kv_segment_ids, sliding_window,
-                block_q, block_k, sparse, chunk):
+def _topk_setup(dt, dt_w, valid, mask: MaskSpec, *, t, t_pad, block_q, block_k, sparse, chunk):
     """Thresholds [B, K, Gr, T_p] (None when the top-k keeps every allowed key) and the sparse plan (or None)."""
     b, s = dt.shape[0], dt.shape[2]
+    w, offset, sliding_window = mask.keep_window_size, mask.static_offset, mask.sliding_window
     kh, bias_rows, s_pad = dt_w.shape[1], dt_w.shape[2], dt_w.shape[3]
     if s <= w or (sliding_window is not None and sliding_window <= w):
         return None, None, chunk  # no row can see more than w keys
-    if q_segment_ids is not None or sliding_window is not None:
-        thr = _topk.general_thresholds(
-            jax.lax.stop_gradient(dt.astype(jnp.float32)), t, w, q_offset=offset, kv_mask=kv_mask,
-            q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids, sliding_window=sliding_window)
+    if mask.q_segment_ids is not None or sliding_window is not None:
+        thr = _topk.general_thresholds(jax.lax.stop_gradient(dt.astype(jnp.float32)), t, mask)
         thr = jnp.pad(thr, ((0, 0), (0, 0), (0, t_pad - t)), constant_values=-jnp.inf)
         return thr.reshape(b, kh, bias_rows, t_pad), None, chunk
     dtm = jax.lax.stop_gradient(jnp.where(valid[:, None, None, :], dt_w, -jnp.inf))
@@ -123,21 +103,39 @@ def _topk_setup(dt, dt_w, valid, *, t, t_pad, w, offset, kv_mask, q_segment_ids,
     return thr, plan, chunk
 
 
-def dma_pallas(
+def _tiles(n: int, kh: int, block_q: int | None, block_k: int | None) -> tuple[int, int]:
+    return block_q or max(1, 64 // (n // kh)), block_k or 64
+
+
+def gpu_unsupported_reason(q: jax.Array, k: jax.Array, dt: jax.Array, mask: MaskSpec, *, dropout_rate: float = 0.0,
+                           interpret: bool | None = None, block_q: int | None = None,
+                           block_k: int | None = None) -> str | None:
+    """Why `dma_pallas_gpu` cannot take this call (one line), or None when it can."""
+    n, h, kh = q.shape[2], q.shape[3], k.shape[2]
+    if dropout_rate > 0.0:
+        return f"attention dropout {dropout_rate} (the kernel has no dropout)"
+    if mask.static_offset is None:
+        return "a traced or per-batch q_offset (decoding with a KV cache)"
+    if interpret is None:
+        interpret = jax.default_backend() != "gpu"
+    if not interpret:
+        if jax.default_backend() != "gpu":
+            return f"backend {jax.default_backend()!r} is not a GPU (Triton runs on GPUs only)"
+        block_q, block_k = _tiles(n, kh, block_q, block_k)
+        if not _triton_tiles_ok(block_q * (n // kh), block_k, h):
+            return (f"Triton needs power-of-two tiles >= 16, got block_q*N/K={block_q * (n // kh)}, {block_k=}, "
+                    f"head_dim={h}")
+    return None
+
+
+def dma_pallas_gpu(
     q: jax.Array,
     k: jax.Array,
     v: jax.Array,
     dt: jax.Array,
+    mask: MaskSpec,
     *,
     scale: float,
-    keep_window_size: int,
-    q_offset: jax.Array | int = 0,
-    kv_mask: jax.Array | None = None,
-    q_segment_ids: jax.Array | None = None,
-    kv_segment_ids: jax.Array | None = None,
-    sliding_window: int | None = None,
-    dropout_rate: float = 0.0,
-    dropout_rng: jax.Array | None = None,
     interpret: bool | None = None,
     block_q: int | None = None,
     block_k: int | None = None,
@@ -146,39 +144,29 @@ def dma_pallas(
 ) -> jax.Array:
     """Fused DMA. q [B, T, N, H], k/v [B, S, K, H], dt [B, G, S] (G = K or N) → [B, T, N, H] in v's dtype.
 
-    Semantics of doge_jax.dma.dynamic_mask_attention (see the module docstring for the fallbacks).
-    block_q: query positions per tile (a tile holds block_q·N/K rows); block_k: keys per tile. sparse: walk only
-    the keys the top-k can keep (default: when the key length is at least 2·keep_window_size); chunk: its chunk
-    of key positions (default ≈ sqrt(S·block_k)). interpret=None: interpret mode on CPU.
+    Semantics of `dma_reference` without dropout. block_q: query positions per tile (a tile holds block_q·N/K
+    rows); block_k: keys per tile. sparse: walk only the keys the top-k can keep (default: when the key length
+    is at least 2·keep_window_size); chunk: its chunk of key positions (default ≈ sqrt(S·block_k)).
+    interpret=None: interpret mode unless the backend is a GPU. Raises ValueError (one line) for a call
+    `gpu_unsupported_reason` rejects.
     """
     b, t, n, h = q.shape
     s, kh = k.shape[1], k.shape[2]
     g = dt.shape[1]
     if n % kh or g not in (kh, n) or k.shape != v.shape or dt.shape != (b, g, s) or k.shape[0] != b \
             or k.shape[3] != h:
-        raise ValueError(f"dma_pallas: q {q.shape}, k {k.shape}, v {v.shape}, dt {dt.shape}: expected q [B,T,N,H], "
-                         "k/v [B,S,K,H] with N a multiple of K, dt [B,G,S] with G = K or N")
-    offset = _static_offset(q_offset)
-    r_heads, bias_rows = n // kh, g // kh
-    block_q = block_q or max(1, 64 // r_heads)
-    block_k = block_k or 64
+        raise ValueError(f"dma_pallas_gpu: q {q.shape}, k {k.shape}, v {v.shape}, dt {dt.shape}: expected q "
+                         "[B,T,N,H], k/v [B,S,K,H] with N a multiple of K, dt [B,G,S] with G = K or N")
     if interpret is None:
-        interpret = jax.default_backend() == "cpu"
-    unsupported = None
-    if not interpret and jax.default_backend() == "tpu":
-        unsupported = "dma_pallas: no Mosaic TPU kernel yet; using the XLA reference on TPU"
-    elif not interpret and not _triton_tiles_ok(block_q * r_heads, block_k, h):
-        unsupported = (f"dma_pallas: Triton needs power-of-two tiles >= 16, got block_q*N/K={block_q * r_heads}, "
-                       f"{block_k=}, head_dim={h}; using the XLA reference")
-    if unsupported:
-        _warn_once(unsupported)
-    if (dropout_rate > 0.0 and dropout_rng is not None) or offset is None or unsupported:
-        return dma.dynamic_mask_attention(
-            q, k, v, dt, scale=scale, keep_window_size=keep_window_size, q_offset=q_offset, kv_mask=kv_mask,
-            q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids, sliding_window=sliding_window,
-            dropout_rate=dropout_rate, dropout_rng=dropout_rng, impl="xla")
-    if (q_segment_ids is None) != (kv_segment_ids is None):
-        raise ValueError("dma_pallas: pass both q_segment_ids and kv_segment_ids, or neither")
+        interpret = jax.default_backend() != "gpu"
+    reason = gpu_unsupported_reason(q, k, dt, mask, interpret=interpret, block_q=block_q, block_k=block_k)
+    if reason:
+        raise ValueError(f"dma_pallas_gpu cannot run {reason}")
+    offset = mask.static_offset
+    kv_mask, q_segment_ids, kv_segment_ids = mask.kv_mask, mask.q_segment_ids, mask.kv_segment_ids
+    sliding_window = mask.sliding_window
+    r_heads, bias_rows = n // kh, g // kh
+    block_q, block_k = _tiles(n, kh, block_q, block_k)
 
     t_pad, s_pad = _round_up(t, block_q), _round_up(s, block_k)
 
@@ -187,10 +175,8 @@ def dma_pallas(
     kpos = jnp.where(valid, jnp.arange(s_pad, dtype=jnp.int32), _flash.NO_KEY)  # [B, S_p]
     dt_w = jnp.pad(dt.astype(jnp.float32), ((0, 0), (0, 0), (0, s_pad - s))).reshape(b, kh, bias_rows, s_pad)
 
-    thr, plan, chunk = _topk_setup(
-        dt, dt_w, valid, t=t, t_pad=t_pad, w=keep_window_size, offset=offset, kv_mask=kv_mask,
-        q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids, sliding_window=sliding_window,
-        block_q=block_q, block_k=block_k, sparse=sparse, chunk=chunk)
+    thr, plan, chunk = _topk_setup(dt, dt_w, valid, mask, t=t, t_pad=t_pad, block_q=block_q, block_k=block_k,
+                                   sparse=sparse, chunk=chunk)
 
     q_rows = jnp.pad(q, ((0, 0), (0, t_pad - t), (0, 0), (0, 0))).reshape(b, t_pad, kh, r_heads, h)
     q_rows = q_rows.transpose(0, 2, 1, 3, 4).reshape(b, kh, t_pad * r_heads, h)  # [B, K, T_p·R, H]
