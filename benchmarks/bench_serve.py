@@ -27,6 +27,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "tests"))  # serve_testing: the tiny random model the tests use
 
 # The shape of SmallDoge/Doge-20M, with the vocab of the offline test tokenizer.
 DOGE_20M = dict(
@@ -133,7 +134,7 @@ def main() -> None:
     tmp = tempfile.TemporaryDirectory(prefix="bench_serve.")
     model_dir = args.model
     if model_dir is None:
-        from serve.testing import make_tiny_model_dir
+        from serve_testing import make_tiny_model_dir
 
         model_dir = str(make_tiny_model_dir(Path(tmp.name) / "doge-20m-shape", vocab_size=4096, **DOGE_20M))
     print(f"model: {model_dir}  tokens/request: {args.tokens}  server threads: {args.server_threads or 'default'}",

@@ -1,6 +1,6 @@
 """Doge-160M: 152M parameters. Published shape: 24 layers, hidden 768, ff 1536, 6 heads / 3 kv heads."""
 
-from configs import base
+from doge_jax.configs import base
 
 
 def get_config():

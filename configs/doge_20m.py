@@ -1,6 +1,6 @@
 """Doge-20M: 13.1M parameters with the 32768 vocab (tied). Published shape: 8 layers, hidden 256, ff 512, 2 heads / 1 kv heads."""
 
-from configs import base
+from doge_jax.configs import base
 
 
 def get_config():

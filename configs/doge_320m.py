@@ -1,6 +1,6 @@
 """Doge-320M: 335M parameters. Published shape: 32 layers, hidden 1024, ff 2048, 8 heads / 4 kv heads."""
 
-from configs import base
+from doge_jax.configs import base
 
 
 def get_config():

@@ -1,7 +1,7 @@
 """Doge-40M-MoE: the 20M-style trunk (hidden 256, 8 layers, 2/1 heads) with ff 768 and a CDMoE of 1024 rank-1
 experts (32² product keys), top-8, on the 128256-token vocabulary."""
 
-from configs import base
+from doge_jax.configs import base
 
 
 def get_config():

@@ -1,6 +1,6 @@
 """Doge-60M: 54M parameters. Published shape: 16 layers, hidden 512, ff 1024, 4 heads / 2 kv heads."""
 
-from configs import base
+from doge_jax.configs import base
 
 
 def get_config():

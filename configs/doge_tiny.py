@@ -1,6 +1,6 @@
 """A tiny Doge that learns visibly within minutes on 2 CPU cores (the README's main-job example)."""
 
-from configs import base
+from doge_jax.configs import base
 
 
 def get_config():

@@ -8,7 +8,7 @@ import os
 
 
 def parse_args(argv: list[str] | None = None):
-    from serve.config import ServeConfig
+    from .config import ServeConfig
 
     d = ServeConfig(model="")
     p = argparse.ArgumentParser(prog="doge-serve", description=__doc__)
@@ -50,7 +50,7 @@ def parse_args(argv: list[str] | None = None):
 def main(argv: list[str] | None = None) -> None:
     import uvicorn
 
-    from serve.app import create_app
+    from .app import create_app
 
     config, log_level = parse_args(argv)
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")

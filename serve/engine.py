@@ -23,10 +23,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from serve.detokenize import IncrementalDetokenizer
-from serve.kv_batch import KVBatch
-from serve.sampling import RowState, SamplingParams, make_generator, sample
-from serve.stops import StopStringFilter
+from .detokenize import IncrementalDetokenizer
+from .kv_batch import KVBatch
+from .sampling import RowState, SamplingParams, make_generator, sample
+from .stops import StopStringFilter
 
 log = logging.getLogger("serve.engine")
 
