@@ -1,0 +1,236 @@
+"""The Mosaic-TPU DMA kernel against the reference, in TPU interpret mode on CPU: the output and every gradient.
+
+Tolerances (fp32, random inputs of O(1), relative = max|Δ| / max|reference|): output ≤ 1e-5, each of dq, dk, dv,
+ddt ≤ 1e-4 (ddt sums over every query row of a group, so it is judged relative to its own size).
+bf16 q/k/v: the kernel and the bf16 reference are both judged against the fp32 reference of the same inputs; the
+kernel's error must stay within 2× the bf16 reference's own error + 1e-2 (output) / + 2e-2 (gradients).
+dt is random normal (no ties at any row's threshold); lengths are not multiples of the tiles. Interpret mode runs
+the grid step by step, so shapes are small (T ≤ 512) and tiles are the smallest TPU-legal ones.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import doge_jax
+from doge_jax import dma
+from doge_jax import model as model_lib
+from doge_jax.kernels import tpu_dma
+from doge_jax.kernels.tpu_dma import dma_pallas_tpu, tpu_unsupported_reason
+
+OUT_RTOL = 1e-5
+GRAD_RTOL = 1e-4
+
+
+def _rel(x, ref) -> float:
+    x, ref = jnp.asarray(x, jnp.float32), jnp.asarray(ref, jnp.float32)
+    return float(jnp.max(jnp.abs(x - ref)) / jnp.maximum(jnp.max(jnp.abs(ref)), 1e-30))
+
+
+def _inputs(seed, *, B, T, S, N, K, G, H, dtype=jnp.float32):
+    ks = jax.random.split(jax.random.key(seed), 5)
+    q = jax.random.normal(ks[0], (B, T, N, H), jnp.float32)
+    k = jax.random.normal(ks[1], (B, S, K, H), jnp.float32)
+    v = jax.random.normal(ks[2], (B, S, K, H), jnp.float32)
+    dt = jax.random.normal(ks[3], (B, G, S), jnp.float32)
+    do = jax.random.normal(ks[4], (B, T, N, H), jnp.float32)
+    return (q.astype(dtype), k.astype(dtype), v.astype(dtype), dt), do.astype(dtype)
+
+
+def _value_and_grads(fn, args, do):
+    out, vjp = jax.vjp(jax.jit(fn), *args)
+    return out, vjp(do)
+
+
+def _errors(args, do, mask_kw, kernel_kw):
+    """Relative errors of the kernel vs the reference: {"out": …, "dq": …, "dk": …, "dv": …, "ddt": …}."""
+    ref_out, ref_grads = _value_and_grads(lambda *a: dma.dynamic_mask_attention(*a, **mask_kw), args, do)
+    out, grads = _value_and_grads(lambda *a: dma_pallas_tpu(*a, **mask_kw, **kernel_kw), args, do)
+    assert out.shape == ref_out.shape and out.dtype == args[2].dtype
+    errors = {"out": _rel(out, ref_out)}
+    errors.update({name: _rel(g, r) for name, g, r in zip(("dq", "dk", "dv", "ddt"), grads, ref_grads)})
+    return errors
+
+
+def _check(args, do, mask_kw, kernel_kw):
+    errors = _errors(args, do, mask_kw, kernel_kw)
+    print({k: f"{e:.1e}" for k, e in errors.items()})
+    assert errors["out"] <= OUT_RTOL, errors
+    assert all(errors[name] <= GRAD_RTOL for name in ("dq", "dk", "dv", "ddt")), errors
+
+
+def _segments(B, T, starts):
+    marks = np.zeros((B, T), np.int32)
+    for b, positions in enumerate(starts):
+        marks[b, positions] = 1
+    return jnp.asarray(np.cumsum(marks, axis=1))
+
+
+# (shapes, mask/top-k arguments, kernel tiling). block_q counts query positions: a tile holds block_q·N/K rows,
+# which must be a multiple of 128 (the smallest legal tile is used, so every case walks several tiles).
+CASES = {
+    "mha_h64_no_topk": (dict(B=2, T=300, S=300, N=2, K=2, G=2, H=64), dict(keep_window_size=512),
+                        dict(block_q=128, block_k=128)),
+    "gqa2_h128_topk": (dict(B=1, T=260, S=260, N=4, K=2, G=2, H=128), dict(keep_window_size=96),
+                       dict(block_q=64, block_k=128)),
+    "gqa4_bias_per_query_head_topk": (dict(B=1, T=200, S=200, N=8, K=2, G=8, H=64), dict(keep_window_size=48),
+                                      dict(block_q=32, block_k=128)),
+    "gqa8_topk": (dict(B=1, T=150, S=150, N=8, K=1, G=1, H=64), dict(keep_window_size=40),
+                  dict(block_q=16, block_k=128)),
+    "packed_segments_topk": (dict(B=2, T=200, S=200, N=4, K=2, G=2, H=64), dict(keep_window_size=24),
+                             dict(block_q=64, block_k=128)),
+    "sliding_window_topk": (dict(B=1, T=400, S=400, N=4, K=4, G=4, H=64),
+                            dict(keep_window_size=40, sliding_window=100), dict(block_q=128, block_k=128)),
+    "prefill_after_cache": (dict(B=2, T=60, S=300, N=4, K=2, G=2, H=64), dict(keep_window_size=32, q_offset=100),
+                            dict(block_q=64, block_k=128)),
+    "long_topk_gqa2_h128": (dict(B=1, T=512, S=512, N=4, K=2, G=2, H=128), dict(keep_window_size=128),
+                            dict(block_q=64, block_k=128)),
+}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_matches_reference(name):
+    shapes, mask_kw, kernel_kw = CASES[name]
+    args, do = _inputs(list(CASES).index(name), **shapes)
+    mask_kw = dict(mask_kw, scale=shapes["H"] ** -0.5)
+    B, T, S = shapes["B"], shapes["T"], shapes["S"]
+    if name == "packed_segments_topk":
+        seg = _segments(B, T, [[37, 90], [5, 120, 121]])
+        mask_kw.update(q_segment_ids=seg, kv_segment_ids=seg)
+    if name == "prefill_after_cache":  # cache slots [0, 160) filled: the 60 queries sit at positions 100..159
+        mask_kw.update(kv_mask=jnp.broadcast_to(jnp.arange(S) < 160, (B, S)))
+    _check(args, do, mask_kw, kernel_kw)
+
+
+def test_left_padded_batch_including_rows_with_no_key():
+    """Left padding: rows before a sequence's first token have no allowed key, and the reference averages all S
+    values there (with the gradients of that flat softmax). Batch 1's first 150 keys are padding: its first key
+    block and first query tile are skipped outright. Compared everywhere, with a cotangent on the padded rows."""
+    shapes = dict(B=2, T=256, S=256, N=4, K=2, G=2, H=64)
+    args, do = _inputs(11, **shapes)
+    kv_mask = jnp.arange(256)[None, :] >= jnp.array([[0], [150]])
+    _check(args, do, dict(scale=0.125, keep_window_size=48, kv_mask=kv_mask), dict(block_q=64, block_k=128))
+
+
+def test_tied_bias_keeps_every_tied_key():
+    """A = 0 at initialisation makes every dt equal: every key ties with the threshold and all are kept, as in
+    the reference (torch.topk would keep an arbitrary keep_window_size of them)."""
+    shapes = dict(B=1, T=200, S=200, N=4, K=2, G=2, H=64)
+    (q, k, v, _), do = _inputs(12, **shapes)
+    dt = jnp.ones((1, 2, 200), jnp.float32)
+    _check((q, k, v, dt), do, dict(scale=0.125, keep_window_size=40), dict(block_q=64, block_k=128))
+    no_topk = dma.dynamic_mask_attention(q, k, v, dt, scale=0.125, keep_window_size=200)
+    out = dma_pallas_tpu(q, k, v, dt, scale=0.125, keep_window_size=40, block_q=64, block_k=128)
+    assert _rel(out, no_topk) <= OUT_RTOL
+
+
+def test_bfloat16_inputs():
+    """bf16 q/k/v (the training dtype): fp32 scores, softmax and accumulation; p and dS rounded to bf16 for the
+    MXU, as the reference rounds probs to v's dtype."""
+    shapes = dict(B=1, T=200, S=200, N=4, K=2, G=2, H=128)
+    args32, do32 = _inputs(13, **shapes)
+    args16 = tuple(a.astype(jnp.bfloat16) for a in args32[:3]) + (args32[3],)
+    do16 = do32.astype(jnp.bfloat16)
+    kw = dict(scale=128**-0.5, keep_window_size=64)
+    exact_out, exact_grads = _value_and_grads(lambda *a: dma.dynamic_mask_attention(*a, **kw), args32, do32)
+    ref_out, ref_grads = _value_and_grads(lambda *a: dma.dynamic_mask_attention(*a, **kw), args16, do16)
+    out, grads = _value_and_grads(lambda *a: dma_pallas_tpu(*a, **kw, block_q=64, block_k=128), args16, do16)
+    assert out.dtype == jnp.bfloat16 and grads[0].dtype == jnp.bfloat16
+    kernel_err, ref_err = _rel(out, exact_out), _rel(ref_out, exact_out)
+    print(f"bf16 out: kernel {kernel_err:.1e}, bf16 reference {ref_err:.1e}")
+    assert kernel_err <= 2 * ref_err + 1e-2
+    for name, g, r, e in zip(("dq", "dk", "dv", "ddt"), grads, ref_grads, exact_grads):
+        kernel_err, ref_err = _rel(g, e), _rel(r, e)
+        print(f"bf16 {name}: kernel {kernel_err:.1e}, bf16 reference {ref_err:.1e}")
+        assert kernel_err <= 2 * ref_err + 2e-2, name
+
+
+def test_block_tables_cover_every_allowed_pair_and_skip_the_rest():
+    """The scalar-prefetched walks visit every (query tile, key block) pair holding an allowed (row, key), in
+    both directions, and skip some pairs when the window, causality or the padding leave them empty."""
+    B, T, S, bq, bk, window, offset = 2, 700, 900, 64, 128, 200, 150
+    kv_mask = (jnp.arange(S)[None, :] >= jnp.array([[0], [300]])) & (jnp.arange(S)[None, :] < 850)
+    allowed = dma.attention_mask(B, T, S, q_offset=offset, kv_mask=kv_mask, sliding_window=window)
+    s_pad = -(-S // bk) * bk
+    valid = jnp.pad(kv_mask, ((0, 0), (0, s_pad - S)))
+    tables, steps = tpu_dma._block_tables(b=B, t=T, s=S, offset=offset, block_q=bq, block_k=bk,
+                                          sliding_window=window, valid=valid)
+    n_q, n_kb = -(-T // bq), s_pad // bk
+    padded = np.zeros((B, n_q * bq, s_pad), bool)
+    padded[:, :T, :S] = np.asarray(allowed)
+    needed = padded.reshape(B, n_q, bq, n_kb, bk).any(axis=(2, 4))  # [B, n_q, n_kb]
+
+    def visited(lo, n, outer, inner):
+        lo, n = np.asarray(lo).reshape(B, outer), np.asarray(n).reshape(B, outer)
+        idx = np.arange(inner)
+        return (idx >= lo[..., None]) & (idx < (lo + n)[..., None])
+
+    fwd = visited(tables["kv_lo"], tables["kv_n"], n_q, n_kb)  # [B, n_q, n_kb]
+    dkv = visited(tables["q_lo"], tables["q_n"], n_kb, n_q).transpose(0, 2, 1)
+    assert not (needed & ~fwd).any() and not (needed & ~dkv).any()
+    assert fwd.sum() < fwd.size and dkv.sum() < dkv.size
+    assert steps["kv_steps"] < n_kb and steps["q_steps"] < n_q  # the walked grid axes are shorter than the rows
+    assert int(np.asarray(tables["kv_n"]).max()) <= steps["kv_steps"]
+    assert int(np.asarray(tables["q_n"]).max()) <= steps["q_steps"]
+
+
+def test_unsupported_inputs_are_named():
+    assert tpu_unsupported_reason(head_dim=128) is None
+    assert "dropout_rate=0.1" in tpu_unsupported_reason(dropout_rate=0.1, head_dim=128)
+    assert "q_offset" in tpu_unsupported_reason(q_offset=jnp.array([3, 5]), head_dim=128)
+    assert "head_dim=512" in tpu_unsupported_reason(head_dim=512)
+    assert "float16" in tpu_unsupported_reason(head_dim=64, dtype=jnp.float16)
+    (q, k, v, dt), _ = _inputs(14, B=2, T=1, S=40, N=4, K=2, G=2, H=64)
+    with pytest.raises(ValueError, match="q_offset"):
+        jax.jit(lambda off: dma_pallas_tpu(q, k, v, dt, scale=0.125, keep_window_size=16, q_offset=off))(3)
+    with pytest.raises(ValueError, match="block_q=24 must be a multiple of 64"):
+        dma_pallas_tpu(q, k, v, dt, scale=0.125, keep_window_size=16, block_q=24)
+    with pytest.raises(ValueError, match="dt"):
+        dma_pallas_tpu(q, k, v, dt[:, :1, :3], scale=0.125, keep_window_size=16)
+
+
+# --- through the model -----------------------------------------------------------------------------------------
+
+CFG = doge_jax.DogeConfig(vocab_size=101, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=96,
+                          keep_window_size=12)
+
+
+def _tpu_attention(q, k, v, dt, *, dropout_rate=0.0, dropout_rng=None, impl="xla", **kw):
+    """dma.dynamic_mask_attention with the Mosaic kernel in place of the reference (the dispatcher's future
+    attention_impl="pallas_tpu"); dropout is off in these models."""
+    assert dropout_rate == 0.0 and dropout_rng is None
+    return dma_pallas_tpu(q, k, v, dt, **kw)
+
+
+def _loss_and_grads(cfg, ids, attention_mask):
+    model = model_lib.build(cfg, seed=0)
+    for i, layer in enumerate(model.layers):  # A ≠ 0: dt varies across keys, so the top-k actually drops keys
+        layer.self_attn.A[...] = jax.random.normal(jax.random.key(1 + i), layer.self_attn.A[...].shape)
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+
+    def loss_fn(params):
+        logits = nnx.merge(graphdef, params, rest)(ids, attention_mask).logits
+        return doge_jax.causal_lm_loss(logits, jnp.where(attention_mask == 1, ids, -100))
+
+    return jax.jit(jax.value_and_grad(loss_fn))(params)
+
+
+@pytest.mark.parametrize("dt_heads", ["kv", "attention"])
+def test_model_with_tpu_kernel_matches_xla(dt_heads, monkeypatch):
+    """A tiny Doge (random A, left padding, T > keep_window_size): loss and every parameter gradient, including
+    A and dt_proj, with every layer's attention on the kernel vs on the reference."""
+    ids = jnp.asarray(np.random.default_rng(0).permutation(101)[:2 * 48].reshape(2, 48), jnp.int32)  # distinct
+    attention_mask = jnp.asarray(np.arange(48)[None, :] >= np.array([[0], [9]]), jnp.int32)
+    cfg = CFG.replace(dt_heads=dt_heads)
+    loss_x, grads_x = _loss_and_grads(cfg, ids, attention_mask)
+    monkeypatch.setattr(dma, "dynamic_mask_attention", _tpu_attention)
+    loss_t, grads_t = _loss_and_grads(cfg, ids, attention_mask)
+    assert abs(float(loss_t - loss_x)) <= 1e-5 * abs(float(loss_x))
+    flat_x, flat_t = jax.tree.leaves_with_path(grads_x), jax.tree.leaves(grads_t)
+    for (path, gx), gt in zip(flat_x, flat_t):
+        assert _rel(gt, gx) <= GRAD_RTOL, (jax.tree_util.keystr(path), _rel(gt, gx))
