@@ -82,7 +82,7 @@ def _block_tables(*, b, t, s, offset, block_q, block_k, sliding_window, valid):
 
     Query tile i (real positions p_first..p_last) needs key blocks c_lo..c_hi (causal band and window), narrowed to
     the first/last block holding a valid key. Key block j (keys k0..k1) is seen by the tiles with p_last ≥ k0 and,
-    with a window, p_first − window < k1 + 1... i.e. p_first ≤ k1 + window − 1; none when the block has no valid key.
+    with a window, p_first ≤ k1 + window − 1; none when the block has no valid key.
     """
     n_q, n_kb = -(-t // block_q), valid.shape[1] // block_k
     i = np.arange(n_q)
@@ -172,6 +172,8 @@ def dma_pallas_tpu(
         raise ValueError(reason)
     if (q_segment_ids is None) != (kv_segment_ids is None):
         raise ValueError("dma_pallas_tpu: pass both q_segment_ids and kv_segment_ids, or neither")
+    if not isinstance(keep_window_size, (int, np.integer)) or keep_window_size < 1:
+        raise ValueError(f"dma_pallas_tpu: keep_window_size={keep_window_size!r} must be a positive integer")
     if sliding_window is not None and sliding_window < 1:
         raise ValueError(f"dma_pallas_tpu: sliding_window={sliding_window} must be a positive integer")
     offset = _dma._static_offset(q_offset)

@@ -27,23 +27,27 @@ Steps past a range's end repeat its last block index, so Pallas issues no DMA fo
 their compute: blocks wholly outside the causal band, the sliding window, or the kv_mask cost neither bandwidth
 nor FLOPs (as splash attention's MaskInfo). Semantics: ("parallel",) × 3 + ("arbitrary",) for the walked axis.
 
-TPU roofline (on paper; v5e: 197 TFLOP/s bf16, 819 GB/s HBM; FLOPs count the MXU only: 2·m·n·k per matmul).
-Per (query tile, key block) pair with rows = block_q·R, bk = block_k, H_p = head dim:
-    forward     2 matmuls (q·kᵀ, p·v)            4·rows·bk·H_p FLOPs;  reads k, v tile (2·bk·H_p·2 B, bf16)
-    dQ          3 matmuls (q·kᵀ, do·vᵀ, ds·k)    6·rows·bk·H_p;         reads k, v tile
-    dK/dV       4 matmuls (q·kᵀ, pᵀ·do, do·vᵀ, dsᵀ·q)  8·rows·bk·H_p;   reads q, do tile (2·rows·H_p·2 B) + 3 vectors
-At rows = bk = 512, H_p = 128 a pair is 134 MFLOP forward (0.68 µs of MXU) against 262 kB of K/V (0.32 µs of
-HBM): every pass is compute-bound once tiles are ≥ 256 (arithmetic intensity rows/1 ≈ 512 FLOP/B > 240).
-Full doge_160m layer (N = 6, K = 3, R = 2, H = 128, batch 1, bf16), T = 2048 = keep_window_size (no top-k):
-    causal pairs ≈ (T²/2 + T·512/2) per head: forward 4·H·N·(T²/2 + T·256) = 12.9 GFLOP   →  65 µs
-    backward (dQ + dK/dV, q·kᵀ recomputed twice) 14/4 × forward    = 45.1 GFLOP   → 229 µs
-    bytes (q, k, v, o, do, dq, dk, dv once, plus K/V re-reads per q tile): ≈ 25 MB → 31 µs, so compute-bound
-    fwd + bwd ≈ 0.29 ms per layer per sequence on v5e at 100 % MXU; 24 layers ≈ 7.1 ms per 2k sequence.
-At T = 16384 with keep_window_size = 2048 the top-k keeps 2048 keys per row, but this kernel walks the whole
-causal band (the threshold is a per-element test, not a gather): forward 4·H·N·(T²/2 + T·256) = 825 GFLOP →
-4.19 ms, backward 2.89 GFLOP·… = 2.89 TFLOP → 14.7 ms; fwd + bwd ≈ 18.9 ms per layer per sequence. A gather of
-the kept keys (the Triton kernel's sparse walk, ≈ 2,173 keys per 64-row tile instead of ≈ 8k) would cut that by
-≈ 3.4×; it is not done here. `benchmarks/tpu_roofline.py` prints these numbers for any shape.
+TPU roofline, on paper (`python benchmarks/tpu_roofline.py` prints it for any shape). v5e: 197 TFLOP/s bf16 MXU,
+819 GB/s HBM; FLOPs count matmuls only (2·m·n·k); a block is re-fetched only when its index changes. Per visited
+(query tile, key block) pair, rows = block_q·R, bk = block_k, H_p the padded head dim, bf16 inputs:
+    forward       2 matmuls (q·kᵀ, p·v)                 4·rows·bk·H_p FLOPs, reads the K/V tile (4·bk·H_p B)
+    dQ            3 matmuls (q·kᵀ, do·vᵀ, ds·k)          6·rows·bk·H_p,       reads the K/V tile
+    dK/dV/d-bias  4 matmuls (q·kᵀ, pᵀ·do, do·vᵀ, dsᵀ·q)  8·rows·bk·H_p,       reads the q/do tile (4·rows·H_p B)
+At the default rows = bk = 512, H_p = 128: 134 / 201 / 268 MFLOP against 262 kB per pair, ≈ 500–1000 FLOP/B,
+above v5e's ridge of 240 FLOP/B: every pass is MXU-bound.
+doge_160m layer (N = 6, K = 3, R = 2, H = 128), one sequence, default tiles (256 positions × 2 heads, 512 keys):
+    T = 2048 (= keep_window_size, no top-k): 20 of 32 pairs per kv head (the causal band at block granularity)
+        forward 8.05 GFLOP / 28.6 MB → 41 µs;  dQ 12.1 GFLOP → 61 µs;  dK/dV 16.1 GFLOP → 82 µs
+        fwd + bwd ≥ 184 µs per layer (≥ 4.4 ms for 24 layers); the exact causal triangle alone is 33 µs forward.
+    T = 16384, keep_window_size = 2048: 1056 of 2048 pairs per kv head
+        forward 425 GFLOP / 945 MB → 2.16 ms;  dQ 638 GFLOP → 3.24 ms;  dK/dV 850 GFLOP → 4.32 ms
+        fwd + bwd ≥ 9.7 ms per layer. The top-k keeps 2048 keys per row, but the threshold is an elementwise test
+        here, so the kernel walks the whole causal band: a forward over the kept keys alone would be 0.49 ms.
+        Gathering them (the Triton kernel's sparse walk) is the next 4× at long context; not done here.
+Not in these bounds, to be measured on the first TPU run: the elementwise mask / softmax work on the VPU and EUP
+(≈ 12–15 vector ops and one exp per score, which at H = 128 may rival the MXU time), the fixed cost of each grid
+step (288 steps per layer at T = 2048, the skipped ones included), and the XLA work around the kernels (layout
+transposes, delta, top-k thresholds).
 """
 
 from __future__ import annotations
@@ -184,8 +188,12 @@ def _walk(lo_ref, n_ref, outer: int, b, x, y):
     return lo_ref[idx] + jnp.minimum(y, jnp.maximum(n_ref[idx] - 1, 0))
 
 
+_VMEM_LIMIT = 48 * 2**20  # above v5e's 16 MiB default scope: dK/dV at 512×512 tiles, H_p = 256, fp32 needs ≈ 12 MiB
+
+
 def _compiler_params():
-    return pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "parallel", "arbitrary"))
+    return pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "parallel", "arbitrary"),
+                                vmem_limit_bytes=_VMEM_LIMIT)
 
 
 def _present(cfg: TpuKernelConfig, operands):
