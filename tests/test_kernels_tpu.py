@@ -181,6 +181,7 @@ def test_unsupported_inputs_are_named():
     assert tpu_unsupported_reason(head_dim=128) is None
     assert "dropout_rate=0.1" in tpu_unsupported_reason(dropout_rate=0.1, head_dim=128)
     assert "q_offset" in tpu_unsupported_reason(q_offset=jnp.array([3, 5]), head_dim=128)
+    assert "q_offset=-1" in tpu_unsupported_reason(q_offset=-1, head_dim=128)
     assert "head_dim=512" in tpu_unsupported_reason(head_dim=512)
     assert "float16" in tpu_unsupported_reason(head_dim=64, dtype=jnp.float16)
     (q, k, v, dt), _ = _inputs(14, B=2, T=1, S=40, N=4, K=2, G=2, H=64)

@@ -34,9 +34,12 @@ def tpu_unsupported_reason(*, dropout_rate: float = 0.0, q_offset=0, head_dim: i
     """One line saying why dma_pallas_tpu cannot take these inputs, or None when it can."""
     if dropout_rate > 0.0:
         return f"dma_pallas_tpu: attention dropout is not fused (dropout_rate={dropout_rate}); use the XLA reference"
-    if _dma._static_offset(q_offset) is None:
+    offset = _dma._static_offset(q_offset)
+    if offset is None:
         return ("dma_pallas_tpu: q_offset must be a Python int (decoding with a traced or per-batch cache position "
                 "uses the XLA reference)")
+    if offset < 0:
+        return f"dma_pallas_tpu: q_offset={offset} must be >= 0"
     if head_dim > _MAX_HEAD_DIM:
         return f"dma_pallas_tpu: head_dim={head_dim} must be <= {_MAX_HEAD_DIM}"
     if dtype is not None and jnp.dtype(dtype) not in _DTYPES:
