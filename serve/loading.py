@@ -4,7 +4,8 @@ Exported Doge checkpoints use transformers' native `DogeForCausalLM` (model_type
 the first published SmallDoge layout (Doge-60M/160M/320M): `convert to-hf` writes those with a modeling file of
 their own, named by config.json's `auto_map`, and that code runs only with `trust_remote_code=True`
 (`--trust-remote-code`). Without it such a model is refused up front, from config.json alone: transformers
-itself would quietly fall back to the native Doge class, which cannot hold that layout. A path that exists
+itself would fall back to the native Doge class, which cannot hold that layout (a size-mismatch error, or with
+as many kv heads as heads a model that silently computes something else). A path that exists
 locally is read from disk; anything else is a Hub id, downloaded (or taken from the local HF cache when
 HF_HUB_OFFLINE=1) by `from_pretrained`.
 """

@@ -94,6 +94,10 @@ def original_weights(cfg: dict, seed: int) -> dict[str, np.ndarray]:
             p + "feed_forward.gate_proj.weight": w(F, D), p + "feed_forward.up_proj.weight": w(F, D),
             p + "feed_forward.down_proj.weight": w(D, F),
         })
+        if cfg["is_moe"]:  # CDMoE as in Doge-40M-MoE (August 2025): product-key router, expert embeddings
+            E = cfg["num_experts"]
+            out.update({p + "feed_forward.router_gate.weight": w(2 * int(np.sqrt(E)), D),
+                        p + "feed_forward.down_embed.weight": w(E, D), p + "feed_forward.up_embed.weight": w(E, D)})
     return out
 
 
@@ -306,6 +310,24 @@ def test_top_k_window_past_keep_window_size(tok, tmp_path):
     assert np.abs(out - ref).max() <= LOGIT_ATOL and np.abs(mine - ref).max() <= LOGIT_ATOL
 
 
+def test_first_layout_moe_checkpoint(tok, tmp_path):
+    """CDMoE in the first layout (Doge-40M-MoE, August 2025 names): export vs doge-jax, whose CDMoE test_parity.py
+    checks against transformers' (with transformers' router layout, which imported checkpoints keep)."""
+    from transformers import AutoModelForCausalLM
+
+    cfg, _ = write_published(tmp_path / "hub", "renamed", tok, seed=12, is_moe=True, num_experts=16,
+                             num_experts_per_tok=4)
+    ckpt = convert.from_hf(str(tmp_path / "hub"), str(tmp_path / "ckpt"))
+    mine = doge_jax.load_model(ckpt)
+    assert mine.cfg.is_moe and mine.cfg.router_layout == "transformers"
+    model = AutoModelForCausalLM.from_pretrained(convert.to_hf(ckpt, str(tmp_path / "hf")),
+                                                 trust_remote_code=True).eval()
+    ids = distinct_ids(2, 16, cfg["vocab_size"], seed=13)
+    err = np.abs(torch_logits(model, ids) - jax_logits(mine, ids)).max()
+    print(f"first-layout CDMoE: export vs doge-jax {err:.2e}")
+    assert err <= LOGIT_ATOL
+
+
 def test_mha_export_equals_native_doge_without_qk_norm(tmp_path):
     """A second, transformers-made reference: with as many kv heads as heads, the first layout is native Doge
     with q/k norm taken out (per-head and per-kv-head dt are then the same thing)."""
@@ -328,6 +350,40 @@ def test_mha_export_equals_native_doge_without_qk_norm(tmp_path):
     ids = distinct_ids(2, 20, 96, seed=9)  # 20 > keep_window_size: the top-k path too
     err = np.abs(torch_logits(export, ids) - torch_logits(native, ids)).max()
     print(f"MHA: export vs native Doge without q/k norm {err:.2e}")
+    assert err <= LOGIT_ATOL
+
+
+def test_first_layout_model_made_here_exports(tmp_path):
+    """No source config.json to keep: the export writes the published field set from the model config alone
+    (linear RoPE and biases, to exercise those keys)."""
+    from transformers import AutoModelForCausalLM
+
+    from doge_jax import checkpoint as ckpt_lib
+    from doge_jax import model as model_lib
+
+    cfg = doge_jax.DogeConfig(vocab_size=80, hidden_size=D, intermediate_size=F, num_hidden_layers=L,
+                              num_attention_heads=N, num_key_value_heads=K, max_position_embeddings=64,
+                              keep_window_size=10, rope_type="linear", rope_factor=2.0, rope_theta=500.0,
+                              attention_bias=True, mlp_bias=True, qk_norm=False, dt_heads="attention")
+    rng = np.random.default_rng(10)
+
+    def random_like(tree, name=""):  # norms / residual scales near 1, A ~ N(0, 1), the rest small
+        if isinstance(tree, dict):
+            return {k: random_like(v, str(k)) for k, v in tree.items()}
+        base, scale = (1.0, 0.3) if name in ("weight", "input_residual", "post_attention_residual") else \
+            (0.0, 1.0 if name == "A" else 0.1)
+        return (base + scale * rng.standard_normal(tree.shape)).astype(np.float32)
+
+    params = random_like(ckpt_lib.params_of(model_lib.abstract_model(cfg)))
+    ckpt_lib.save_params(str(tmp_path / "ck"), 0, params, cfg)
+    export = convert.to_hf(str(tmp_path / "ck"), str(tmp_path / "hf"))
+    written = json.loads(open(os.path.join(export, "config.json")).read())
+    assert written["rope_scaling"] == {"rope_type": "linear", "factor": 2.0} and written["rope_theta"] == 500.0
+    assert written["attention_bias"] is written["mlp_bias"] is True and "hidden_bias" not in written
+    model = AutoModelForCausalLM.from_pretrained(export, trust_remote_code=True).eval()
+    ids = distinct_ids(2, 24, 80, seed=11)
+    err = np.abs(torch_logits(model, ids) - jax_logits(doge_jax.load_model(str(tmp_path / "ck")), ids)).max()
+    print(f"made here (linear RoPE, biases, window 10 of 24): export vs doge-jax {err:.2e}")
     assert err <= LOGIT_ATOL
 
 
