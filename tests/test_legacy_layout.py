@@ -46,7 +46,7 @@ ORIGINAL_AUTO_MAP = {"AutoConfig": "configuration_doge.DogeConfig", "AutoModel":
 
 # --- published folders -------------------------------------------------------------------------------------------
 
-def published_config(generation: str, vocab: int, tok, **overrides) -> dict:
+def published_config(generation: str, vocab: int, tok, drop: tuple[str, ...] = (), **overrides) -> dict:
     common = {
         "architectures": ["DogeForCausalLM"], "auto_map": ORIGINAL_AUTO_MAP, "model_type": "doge",
         "vocab_size": vocab, "hidden_size": D, "intermediate_size": F, "num_hidden_layers": L,
@@ -66,7 +66,7 @@ def published_config(generation: str, vocab: int, tok, **overrides) -> dict:
                       mlp_bias=False, sliding_window=None,
                       rope_scaling={"rope_type": "dynamic", "factor": 4.0, "original_max_position_embeddings": 2048})
     common.update(overrides)
-    return common
+    return {k: v for k, v in common.items() if k not in drop}
 
 
 def original_weights(cfg: dict, seed: int) -> dict[str, np.ndarray]:
@@ -107,15 +107,16 @@ def renamed(key: str) -> str:
                      (".pre_layernorm.", ".input_layernorm."), (".post_layernorm.", ".post_attention_layernorm."),
                      (".feed_forward.", ".mlp.")):
         key = key.replace(old, new)
-    for old, new in ((".pre_residual.weight", ".input_residual"), (".post_residual.weight", ".post_attention_residual")):
+    for old, new in ((".pre_residual.weight", ".input_residual"),
+                     (".post_residual.weight", ".post_attention_residual")):
         if key.endswith(old):
             key = key[: -len(old)] + new
     return key
 
 
-def write_published(path, generation: str, tok, seed: int = 0, **overrides):
+def write_published(path, generation: str, tok, seed: int = 0, drop: tuple[str, ...] = (), **overrides):
     """A Hub folder as published: config.json, model.safetensors, the tokenizer with its chat template."""
-    cfg = published_config(generation, len(tok), tok, **overrides)
+    cfg = published_config(generation, len(tok), tok, drop, **overrides)
     weights = original_weights(cfg, seed)
     stored = weights if generation == "original" else {renamed(k): v for k, v in weights.items()}
     path.mkdir(parents=True)
@@ -156,10 +157,12 @@ def published_forward(w: dict, cfg: dict, ids: np.ndarray, mask: np.ndarray | No
         q = rope(linear(h, p + "self_attn.q_proj.weight").reshape(B, T, N, H))
         k = rope(linear(h, p + "self_attn.k_proj.weight").reshape(B, T, K, H))
         v = linear(h, p + "self_attn.v_proj.weight").reshape(B, T, K, H)
-        dt = np.exp(w[p + "self_attn.A"] * np.logaddexp(0.0, linear(v.reshape(B, T, K * H), p + "self_attn.dt_proj.weight")))
+        dt_raw = linear(v.reshape(B, T, K * H), p + "self_attn.dt_proj.weight")  # [B, T, N]
+        dt = np.exp(w[p + "self_attn.A"] * np.logaddexp(0.0, dt_raw))  # exp(A · softplus)
         bias = np.where(allowed[:, None], dt.transpose(0, 2, 1)[:, :, None, :], -np.inf)  # [B, N, T, S]
-        if T > cfg["keep_window_size"]:  # transformers' window: the keep_window_size largest biases per query
-            thr = np.sort(bias, -1)[..., -cfg["keep_window_size"]][..., None]
+        window = cfg.get("keep_window_size", 2048)  # absent from the February 2025 files: transformers' default
+        if T > window:  # transformers' window: the keep_window_size largest biases per query
+            thr = np.sort(bias, -1)[..., -window][..., None]
             bias = np.where(bias >= thr, bias, -np.inf)
         k_rep, v_rep = np.repeat(k, R, axis=2), np.repeat(v, R, axis=2)  # query head n reads kv head n // R
         scores = np.einsum("btnh,bsnh->bnts", q, k_rep) * H**-0.5 + bias
@@ -405,6 +408,22 @@ def test_round_trip_is_bit_exact(published, tmp_path):
     second = load_file(os.path.join(again, "model.safetensors"))
     assert sorted(second) == sorted(exported) and all(np.array_equal(second[k], exported[k]) for k in exported)
     assert json.loads(open(os.path.join(again, "config.json")).read()) == written
+
+
+def test_february_2025_config(tok, tmp_path):
+    """The earliest published config.json (small-doge configuration_doge.py, February 2025): no keep_window_size,
+    the first CDMoE's keys (unused by a dense model). It converts, computes the published math and comes back."""
+    cfg, weights = write_published(
+        tmp_path / "hub", "original", tok, seed=14, num_cdmoe_experts=16348, num_cdmoe_heads=4,
+        num_cdmoe_experts_per_head=8, expert_retrieval_size=64,
+        drop=("keep_window_size", "num_experts", "num_experts_per_tok", "norm_topk_prob", "output_router_logits",
+              "router_aux_loss_coef"))
+    ckpt = convert.from_hf(str(tmp_path / "hub"), str(tmp_path / "ckpt"))
+    ids = distinct_ids(1, 20, cfg["vocab_size"], seed=15)
+    assert np.abs(jax_logits(doge_jax.load_model(ckpt), ids) - published_forward(weights, cfg, ids)).max() <= LOGIT_ATOL
+    written = json.loads(open(os.path.join(convert.to_hf(ckpt, str(tmp_path / "hf")), "config.json")).read())
+    assert all(written[k] == v for k, v in cfg.items() if k not in EXPORT_OWNED)
+    assert written["keep_window_size"] == 2048  # what transformers reads when the key is absent, now explicit
 
 
 def test_bfloat16_checkpoint_round_trips_bit_exactly(tok, tmp_path):

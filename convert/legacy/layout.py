@@ -29,7 +29,9 @@ from typing import Any
 import numpy as np
 
 # First-generation weight names → transformers' names: the table of SmallDoge's own converter
-# (small-doge `src/small_doge/models/doge/convert_doge_weights_to_hf.py`, August 2025), anchored both ends.
+# (small-doge `src/small_doge/models/doge/convert_doge_weights_to_hf.py`, August 2025), anchored both ends, plus
+# the bias keys a `hidden_bias: true` model would carry. Their `feed_forward.router_gate.bias`, which that
+# converter drops, is refused instead: dropping a weight would change the model.
 FIRST_GENERATION_NAMES = (
     (r"model\.word_embed\.weight", r"model.embed_tokens.weight"),
     (r"model\.final_layernorm\.weight", r"model.norm.weight"),
@@ -42,7 +44,8 @@ FIRST_GENERATION_NAMES = (
     (r"model\.layers\.(\d+)\.self_attn\.A", r"model.layers.\1.self_attn.A"),
     (r"model\.layers\.(\d+)\.feed_forward\.(gate_proj|up_proj|down_proj)\.(weight|bias)",
      r"model.layers.\1.mlp.\2.\3"),
-    (r"model\.layers\.(\d+)\.feed_forward\.(router_gate|down_embed|up_embed)\.weight", r"model.layers.\1.mlp.\2.weight"),
+    (r"model\.layers\.(\d+)\.feed_forward\.(router_gate|down_embed|up_embed)\.weight",
+     r"model.layers.\1.mlp.\2.weight"),
     (r"lm_head\.weight", r"lm_head.weight"),
 )
 FIRST_GENERATION_MARKERS = ("model.word_embed.weight", "model.final_layernorm.weight")
