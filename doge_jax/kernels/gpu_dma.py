@@ -149,8 +149,8 @@ def dma_pallas_gpu(
     rows); block_k: keys per tile. sparse: walk only the keys the top-k can keep (default: when the key length
     is at least 2·keep_window_size); chunk: its chunk of key positions (default ≈ sqrt(S·block_k)).
     interpret=None: interpret mode unless the backend is a GPU (`doge_jax.kernels.target.backend()`, which
-    `target.lowering_for("cuda")` sets when lowering for a GPU from another host). Raises ValueError (one line) for a call
-    `gpu_unsupported_reason` rejects.
+    `target.lowering_for("cuda")` sets when lowering for a GPU from another host). Raises ValueError (one line)
+    for a call `gpu_unsupported_reason` rejects.
     """
     b, t, n, h = q.shape
     s, kh = k.shape[1], k.shape[2]
