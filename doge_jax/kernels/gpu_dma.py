@@ -2,7 +2,7 @@
 
 Same inputs, masks and outputs as the reference (`doge_jax.model.dma_reference`). What happens here, around the kernel:
 - layouts: R query heads folded into rows, K/V per kv head (see _flash), sequences padded to the tiles;
-- top-k thresholds (_topk): a prefix order statistic for causal/padding masks, exact chunked top_k otherwise;
+- top-k thresholds (shared.topk_setup): a prefix order statistic for causal/padding masks, exact chunked top_k otherwise;
 - the sparse walk (long context): keys permuted per chunk by how long they stay useful, so each query tile reads
   about keep_window_size + chunk keys instead of the whole causal prefix;
 - rows with no allowed key (left padding, a segment with no earlier key): the reference gives them a uniform
@@ -24,6 +24,7 @@ import jax.numpy as jnp
 
 from doge_jax.kernels import gpu_flash as _flash
 from doge_jax.kernels import shared as _shared
+from doge_jax.kernels import target as _target
 from doge_jax.model.mask import MaskSpec
 
 
@@ -72,10 +73,10 @@ def gpu_unsupported_reason(q: jax.Array, k: jax.Array, dt: jax.Array, mask: Mask
     if mask.static_offset is None:
         return "a traced or per-batch q_offset (decoding with a KV cache)"
     if interpret is None:
-        interpret = jax.default_backend() != "gpu"
+        interpret = _target.backend() != "gpu"
     if not interpret:
-        if jax.default_backend() != "gpu":
-            return f"backend {jax.default_backend()!r} is not a GPU (Triton runs on GPUs only)"
+        if _target.backend() != "gpu":
+            return f"backend {_target.backend()!r} is not a GPU (Triton runs on GPUs only)"
         block_q, block_k = _tiles(n, kh, block_q, block_k)
         if not _triton_tiles_ok(block_q * (n // kh), block_k, h):
             return (f"Triton needs power-of-two tiles >= 16, got block_q*N/K={block_q * (n // kh)}, {block_k=}, "
@@ -102,8 +103,9 @@ def dma_pallas_gpu(
     Semantics of `dma_reference` without dropout. block_q: query positions per tile (a tile holds block_q·N/K
     rows); block_k: keys per tile. sparse: walk only the keys the top-k can keep (default: when the key length
     is at least 2·keep_window_size); chunk: its chunk of key positions (default ≈ sqrt(S·block_k)).
-    interpret=None: interpret mode unless the backend is a GPU. Raises ValueError (one line) for a call
-    `gpu_unsupported_reason` rejects.
+    interpret=None: interpret mode unless the backend is a GPU (`doge_jax.kernels.target.backend()`, which
+    `target.lowering_for("cuda")` sets when lowering for a GPU from another host). Raises ValueError (one line)
+    for a call `gpu_unsupported_reason` rejects.
     """
     b, t, n, h = q.shape
     s, kh = k.shape[1], k.shape[2]
@@ -113,7 +115,7 @@ def dma_pallas_gpu(
         raise ValueError(f"dma_pallas_gpu: q {q.shape}, k {k.shape}, v {v.shape}, dt {dt.shape}: expected q "
                          "[B,T,N,H], k/v [B,S,K,H] with N a multiple of K, dt [B,G,S] with G = K or N")
     if interpret is None:
-        interpret = jax.default_backend() != "gpu"
+        interpret = _target.backend() != "gpu"
     reason = gpu_unsupported_reason(q, k, dt, mask, interpret=interpret, block_q=block_q, block_k=block_k)
     if reason:
         raise ValueError(f"dma_pallas_gpu cannot run {reason}")

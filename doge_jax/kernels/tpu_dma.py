@@ -23,6 +23,7 @@ import numpy as np
 from jax.experimental.pallas import tpu as pltpu
 
 from doge_jax.kernels import shared as _shared
+from doge_jax.kernels import target as _target
 from doge_jax.kernels import tpu_flash
 from doge_jax.model.mask import MaskSpec
 
@@ -77,7 +78,7 @@ def _block_sizes(t: int, s: int, r_heads: int, block_q: int | None, block_k: int
 def _interpret_params(interpret):
     """None on TPU (compiled); InterpretParams elsewhere, or when asked for with True."""
     if interpret is None:
-        interpret = jax.default_backend() != "tpu"
+        interpret = _target.backend() != "tpu"
     if interpret is True:
         return pltpu.InterpretParams()
     return interpret or None
