@@ -262,3 +262,40 @@ def test_model_with_tpu_kernel_matches_xla(caplog):
     # A's gradient sums the dt gradient over every key, and Σ_s dS[t, s] = 0 on each row: the sum nearly cancels
     # (|dA| ≈ 1e-5 here, far below its terms), so its fp32 rounding is judged at 1e-3 of its own size.
     assert all(e <= (1e-3 if "'A'" in path else GRAD_RTOL) for path, e in errors.items()), errors
+
+
+# --- through the public path: convert.from_hf → load_model(attention_impl=...) --------------------------------
+
+@pytest.mark.parametrize("impl", ["pallas_tpu", "pallas_gpu"])
+def test_from_hf_load_model_with_kernel_matches_transformers(tmp_path, impl):
+    """A random transformers Doge (GQA 3:1, head_dim 48 — not a tile size — sliding window, T > keep_window_size,
+    left padding) through the converter, loaded with a named kernel: logits equal transformers' and the xla
+    model's, and nnx.grad of causal_lm_loss equals the xla model's."""
+    import convert
+    from hf_reference import make_hf_model, torch_logits
+
+    hf = make_hf_model(seed=5, num_attention_heads=6, num_key_value_heads=2, head_dim=48, hidden_size=96,
+                       keep_window_size=20, sliding_window=40, max_position_embeddings=128)
+    hf.save_pretrained(tmp_path / "hf")
+    ckpt = convert.from_hf(str(tmp_path / "hf"), str(tmp_path / "ckpt"))
+    ids = np.random.default_rng(3).permutation(97)[:2 * 45].reshape(2, 45).astype(np.int32)  # distinct: no ties
+    mask = (np.arange(45)[None, :] >= np.array([[0], [7]])).astype(np.int32)
+    want = torch_logits(hf, ids, mask)
+    model_x, model_k = doge_jax.load_model(ckpt, attention_impl="xla"), doge_jax.load_model(ckpt, attention_impl=impl)
+    got = np.asarray(model_k(jnp.asarray(ids), attention_mask=jnp.asarray(mask)).logits)
+    valid = mask.astype(bool)
+    np.testing.assert_allclose(got[valid], want[valid], atol=2e-5, rtol=0)
+    np.testing.assert_allclose(got, np.asarray(model_x(jnp.asarray(ids), attention_mask=jnp.asarray(mask)).logits),
+                               atol=2e-5, rtol=0)
+    labels = jnp.where(jnp.asarray(mask) == 1, jnp.asarray(ids), -100)
+
+    def grads(model):
+        loss = lambda m: doge_jax.causal_lm_loss(m(jnp.asarray(ids), attention_mask=jnp.asarray(mask)).logits,
+                                                 labels)  # noqa: E731
+        return nnx.grad(loss)(model)
+
+    g_x, g_k = jax.tree.leaves_with_path(nnx.to_pure_dict(grads(model_x))), jax.tree.leaves(
+        nnx.to_pure_dict(grads(model_k)))
+    for (path, gx), gk in zip(g_x, g_k):
+        tol = (1e-3 if "'A'" in jax.tree_util.keystr(path) else GRAD_RTOL) * max(1e-6, float(jnp.max(jnp.abs(gx))))
+        np.testing.assert_allclose(gk, gx, atol=tol, rtol=0, err_msg=jax.tree_util.keystr(path))
