@@ -21,13 +21,17 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from doge_jax import dma  # noqa: E402
-from doge_jax.kernels import _topk, dma_pallas  # noqa: E402
+from dma_walk import walked_keys  # noqa: E402
+from doge_jax.kernels import topk as _topk  # noqa: E402
+from doge_jax.kernels.gpu_dma import dma_pallas_gpu  # noqa: E402
+from doge_jax.model.dma_reference import dma_reference  # noqa: E402
+from doge_jax.model.mask import MaskSpec, masked_bias  # noqa: E402
 
 
 def make_inputs(seed, *, B, T, N, K, H, G, dtype):
@@ -46,15 +50,15 @@ def attention_fns(args, *, window: int, scale: float):
     B, T, N, _ = q.shape
 
     def kernel(q, k, v, dt):
-        return dma_pallas(q, k, v, dt, scale=scale, keep_window_size=window)
+        return dma_pallas_gpu(q, k, v, dt, MaskSpec(keep_window_size=window), scale=scale)
 
     def reference(q, k, v, dt):
-        return dma.dynamic_mask_attention(q, k, v, dt, scale=scale, keep_window_size=window, impl="xla")
+        return dma_reference(q, k, v, dt, MaskSpec(keep_window_size=window), scale=scale)
 
     fns = {"pallas": (kernel, (q, k, v, dt)), "xla": (reference, (q, k, v, dt))}
     if jax.default_backend() == "gpu":
-        allowed = dma.attention_mask(B, T, T)
-        bias = dma.masked_bias(dt, allowed, window)  # [B, G, T, S]
+        allowed = MaskSpec(keep_window_size=window).allowed(B, T, T)
+        bias = masked_bias(dt, allowed, window)  # [B, G, T, S]
         bias = jnp.repeat(bias, N // bias.shape[1], axis=1)  # [B, N, T, S]: one bias per query head
         bias = jnp.maximum(bias, -1e30).astype(q.dtype)  # float32 min overflows bf16 to -inf
         bias = jax.block_until_ready(bias)
@@ -105,7 +109,7 @@ def walked_fraction(dt, *, T, window, block_q, block_k) -> float:
     n_q = -(-T // block_q)
     _, ntab, _ = _topk.sparse_plan(thrpos, dtm, q_offset=0, n_q_tiles=n_q, block_q=block_q, block_k=block_k,
                                    chunk=chunk)
-    walked = float(jnp.sum(_topk.walked_keys(ntab, n_keys=s_pad, q_offset=0, block_q=block_q, block_k=block_k,
+    walked = float(jnp.sum(walked_keys(ntab, n_keys=s_pad, q_offset=0, block_q=block_q, block_k=block_k,
                                              chunk=chunk)))
     causal = dt.shape[0] * dt.shape[1] * sum(min(T, (i + 1) * block_q) for i in range(n_q))
     return walked / causal

@@ -44,10 +44,10 @@ def main(argv=None) -> int:
     from flax import nnx
     from jax.sharding import AxisType, NamedSharding
 
-    from doge_jax import moe
-    from doge_jax import sharding as sh
-    from doge_jax.config import DogeConfig
-    from doge_jax.layers import MLP
+    from doge_jax.model import moe
+    from doge_jax.parallel import sharding as sh
+    from doge_jax.model.config import DogeConfig
+    from doge_jax.model.layers import MLP
 
     n_dev = jax.device_count()
     shape = tuple(int(x) for x in args.mesh.split(",")) if args.mesh else (1, 1, 1, n_dev)
@@ -77,12 +77,12 @@ def main(argv=None) -> int:
             graphdef, params = nnx.split(layer)
 
             def loss(p, x, graphdef=graphdef):
-                out, scores = nnx.merge(graphdef, p)(x)
-                return jnp.sum(out.astype(jnp.float32) ** 2) + jnp.sum(scores), out
+                block = nnx.merge(graphdef, p)(x)
+                return jnp.sum(block.out.astype(jnp.float32) ** 2) + jnp.sum(block.routing.scores), block.out
 
             step = jax.value_and_grad(loss, has_aux=True)
             mlp_def, mlp_params = nnx.split(MLP(cfg, dtype=jnp.dtype(args.dtype), rngs=nnx.Rngs(0)))
-            mlp_step = jax.jit(jax.grad(lambda p, x: jnp.sum(nnx.merge(mlp_def, p)(x).astype(jnp.float32) ** 2)))
+            mlp_step = jax.jit(jax.grad(lambda p, x: jnp.sum(nnx.merge(mlp_def, p)(x).out.astype(jnp.float32) ** 2)))
 
             one = jax.devices()[0]
             mlp_ms, _ = timed(mlp_step, jax.device_put(mlp_params, one), jax.device_put(x, one))

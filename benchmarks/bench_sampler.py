@@ -58,8 +58,8 @@ def main(argv=None) -> int:
 
     import convert
     from doge_jax import checkpoint as ckpt
-    from doge_jax import model as model_lib
-    from doge_jax.config import DogeConfig
+    from doge_jax.model import decoder as model_lib
+    from doge_jax.model.config import DogeConfig
     from doge_jax.sampler import Sampler, SamplingParams, left_pad
 
     if args.threads:

@@ -43,6 +43,7 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "tests"))  # serve_testing: the offline tokenizer the tests use
 
 SHAPES = {"20m": "configs/doge_20m.py", "60m": "configs/doge_60m.py"}
 PROMPT = "Write a short story about a small dog who learns to read the documentation of a parser."
@@ -72,7 +73,7 @@ def build(shape: str, root: Path):
     from doge_jax import checkpoint as ckpt
     from doge_jax import model as model_lib
     from doge_jax.config import DogeConfig
-    from serve.testing import make_tokenizer
+    from serve_testing import make_tokenizer
 
     cfg = DogeConfig.from_dict(load_config(SHAPES[shape]).model.to_dict())
     model = model_lib.build(cfg, seed=0)

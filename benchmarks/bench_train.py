@@ -54,7 +54,7 @@ class JaxSide:
         import numpy as np
         from flax import nnx
 
-        from doge_jax import model as model_lib
+        from doge_jax.model import decoder as model_lib
         from doge_jax.trainer import make_optimizer, make_train_step, pretrain_loss, validate
 
         self.cfg = validate.model_config(config.model)

@@ -29,7 +29,7 @@ def greedy_accuracy(workdir: str, recs: list[dict]) -> dict:
     from doge_jax import checkpoint as ckpt
     from doge_jax.posttrain import chat, rewards
     from doge_jax.sampler import Sampler, SamplingParams
-    from doge_jax.tokenizer import load_tokenizer
+    from doge_jax.data.tokenizer import load_tokenizer
 
     ref = ckpt.resolve(workdir)
     tok = load_tokenizer(ref.tokenizer_dir)

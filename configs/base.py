@@ -4,46 +4,29 @@ import ml_collections
 
 
 def model_defaults() -> ml_collections.ConfigDict:
-    """Fields of doge_jax.DogeConfig; see doge_jax/config.py for what each does."""
-    return ml_collections.ConfigDict(dict(
-        vocab_size=32768,
-        hidden_size=1024,
-        intermediate_size=2048,
-        num_hidden_layers=32,
-        num_attention_heads=8,
-        num_key_value_heads=4,
-        head_dim=ml_collections.FieldReference(None, field_type=int),
-        hidden_dropout=0.0,
-        attention_dropout=0.0,
-        hidden_act="silu",
-        initializer_range=0.02,
-        rms_norm_eps=1e-6,
-        tie_word_embeddings=True,
-        max_position_embeddings=2048,
-        rope_theta=10000.0,
-        # The Doge presets extend context with dynamic NTK, factor 4 over the 2048 training length.
-        rope_type="dynamic",
-        rope_factor=4.0,
-        attention_bias=False,
-        mlp_bias=False,
-        sliding_window=ml_collections.FieldReference(None, field_type=int),
-        keep_window_size=2048,
-        is_moe=False,
-        num_experts=16384,
-        num_experts_per_tok=64,
-        norm_topk_prob=False,
-        router_aux_loss_coef=0.001,
-        pad_token_id=ml_collections.FieldReference(None, field_type=int),
-        bos_token_id=ml_collections.FieldReference(None, field_type=int),
-        eos_token_id=ml_collections.FieldReference(None, field_type=int),
-        qk_norm=True,
-        dt_heads="kv",
-        router_layout="per_token",
-        router_z_loss_coef=0.0,
-        attention_impl="xla",
-        dtype="float32",
-        remat_policy="none",
-    ))
+    """Every field of doge_jax.DogeConfig with its default, read from the dataclass (doge_jax/model/config.py
+    says what each does). A preset states what it changes; fields defaulting to None stay typed references so
+    `--config.model.head_dim=64` parses as an int."""
+    import dataclasses
+
+    from doge_jax.model.config import DogeConfig
+
+    fields = {}
+    for f in dataclasses.fields(DogeConfig):
+        if f.default is None:  # "int | None" → a typed None that the command line can set
+            fields[f.name] = ml_collections.FieldReference(None, field_type=int)
+        else:
+            fields[f.name] = f.default
+    return ml_collections.ConfigDict(fields)
+
+
+def doge_architecture(m: ml_collections.ConfigDict, *, num_key_value_heads: int) -> None:
+    """What every published Doge preset shares beyond DogeConfig's (transformers') defaults: tied embeddings,
+    dynamic NTK RoPE with factor 4 over the 2048 training length, and GQA."""
+    m.tie_word_embeddings = True
+    m.rope_type = "dynamic"
+    m.rope_factor = 4.0
+    m.num_key_value_heads = num_key_value_heads
 
 
 def get_config() -> ml_collections.ConfigDict:

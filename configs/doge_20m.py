@@ -1,6 +1,6 @@
 """Doge-20M: 13.1M parameters with the 32768 vocab (tied). Published shape: 8 layers, hidden 256, ff 512, 2 heads / 1 kv heads."""
 
-from configs import base
+from doge_jax.configs import base
 
 
 def get_config():
@@ -10,7 +10,7 @@ def get_config():
     m.hidden_size = 256
     m.intermediate_size = 512
     m.num_attention_heads = 2
-    m.num_key_value_heads = 1
+    base.doge_architecture(m, num_key_value_heads=1)  # tied embeddings, dynamic NTK RoPE ×4, GQA
     # The seed recipe: 4B tokens = 8000 steps x 256 sequences x 2048, WSD decaying over the last 10 %.
     config.optimizer.lr = 0.008
     config.total_steps = 8000

@@ -6,7 +6,7 @@
 Records are {"prompt", "chosen", "rejected"} (strings or TRL's conversational lists).
 """
 
-from configs import doge_20m
+from doge_jax.configs import doge_20m
 from doge_jax.posttrain import add_stage
 
 

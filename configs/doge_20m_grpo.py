@@ -7,7 +7,7 @@ Records are {"prompt", "answer"}; the rewards check "The answer is N." (rewards.
 SFT, add --config.grpo.rewards=think_format,answer (the template travels with the tokenizer).
 """
 
-from configs import doge_20m
+from doge_jax.configs import doge_20m
 from doge_jax.posttrain import add_stage
 
 

@@ -8,7 +8,7 @@ The architecture and tokenizer come from init_from. The built-in dataset is a sm
 data (jsonl / parquet with a `messages` column, or a save_to_disk folder). Continue with doge_20m_dpo.py.
 """
 
-from configs import doge_20m
+from doge_jax.configs import doge_20m
 from doge_jax.posttrain import add_stage
 
 

@@ -1,6 +1,6 @@
 """Doge-320M: 335M parameters. Published shape: 32 layers, hidden 1024, ff 2048, 8 heads / 4 kv heads."""
 
-from configs import base
+from doge_jax.configs import base
 
 
 def get_config():
@@ -10,7 +10,7 @@ def get_config():
     m.hidden_size = 1024
     m.intermediate_size = 2048
     m.num_attention_heads = 8
-    m.num_key_value_heads = 4
+    base.doge_architecture(m, num_key_value_heads=4)  # tied embeddings, dynamic NTK RoPE ×4, GQA
     # The seed recipe: 64B tokens = 32000 steps x 1024 sequences x 2048, WSD decaying over the last 10 %.
     config.optimizer.lr = 0.002
     config.total_steps = 32000

@@ -1,6 +1,6 @@
 """A tiny Doge that learns visibly within minutes on 2 CPU cores (the README's main-job example)."""
 
-from configs import base
+from doge_jax.configs import base
 
 
 def get_config():
@@ -11,7 +11,7 @@ def get_config():
     m.hidden_size = 128
     m.intermediate_size = 256
     m.num_attention_heads = 4
-    m.num_key_value_heads = 2
+    base.doge_architecture(m, num_key_value_heads=2)  # tied embeddings, dynamic NTK RoPE ×4, GQA
     m.max_position_embeddings = 256
     m.keep_window_size = 128
 

@@ -3,7 +3,7 @@
 Small enough to train for a few steps on CPU fake devices with the expert axis split up to 8 ways
 (256 / 8 = 32 experts per shard)."""
 
-from configs import doge_tiny
+from doge_jax.configs import doge_tiny
 
 
 def get_config():

@@ -7,7 +7,7 @@ The tokenizer saved with the run carries the thinking template, so a following G
 (configs/tiny_grpo.py with --config.grpo.rewards=think_format,answer) keeps it (chat_template 'auto').
 """
 
-from configs import tiny_pretrain
+from doge_jax.configs import tiny_pretrain
 from doge_jax.posttrain import add_stage
 
 

@@ -3,7 +3,7 @@
     python -m doge_jax.train --config=configs/tiny_grpo.py --workdir=/tmp/chain/grpo --config.init_from=/tmp/chain/dpo
 """
 
-from configs import tiny_pretrain
+from doge_jax.configs import tiny_pretrain
 from doge_jax.posttrain import add_stage
 
 

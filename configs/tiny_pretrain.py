@@ -6,7 +6,7 @@ The next stages start from it: configs/tiny_sft.py → tiny_dpo.py → tiny_grpo
 --config.init_from=<previous workdir>). Sizes are for speed on 2 cores, not quality.
 """
 
-from configs import doge_tiny
+from doge_jax.configs import doge_tiny
 
 
 def tiny_model(m):

@@ -4,7 +4,7 @@
         --config.init_from=/tmp/chain/pretrain
 """
 
-from configs import tiny_pretrain
+from doge_jax.configs import tiny_pretrain
 from doge_jax.posttrain import add_stage
 
 

@@ -19,18 +19,16 @@ from typing import Any
 
 import numpy as np
 
-from doge_jax.config import DogeConfig
+from doge_jax.model import config as config_lib
+from doge_jax.model.config import OPTION_PREFIX, DogeConfig
 
-HF_TO_JAX_FIELDS = (
-    "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-    "num_key_value_heads", "hidden_dropout", "hidden_act", "initializer_range", "rms_norm_eps",
-    "tie_word_embeddings", "max_position_embeddings", "attention_bias", "attention_dropout", "mlp_bias",
-    "sliding_window", "keep_window_size", "is_moe", "num_experts", "num_experts_per_tok", "norm_topk_prob",
-    "router_aux_loss_coef", "pad_token_id", "bos_token_id", "eos_token_id",
-)
-# doge-jax options transformers has no key for; stored in config.json with this prefix (transformers keeps them).
-OPTION_PREFIX = "doge_jax_"
-JAX_ONLY_FIELDS = ("router_layout", "router_z_loss_coef")
+# The field maps, from DogeConfig's metadata (doge_jax/model/config.py is the one source):
+# transformers attributes (DogeField → config.json key), keys inside rope_parameters, and doge-jax options that
+# travel as `doge_jax_<name>`.
+HF_TO_JAX_FIELDS = tuple(f.name for f in config_lib.fields() if f.metadata["hf"] == f.name and f.name != "head_dim")
+ROPE_FIELDS = {f.metadata["hf"].split(".", 1)[1]: f.name for f in config_lib.fields()
+               if str(f.metadata["hf"]).startswith("rope_parameters.")}  # rope_theta, rope_type, factor
+JAX_ONLY_FIELDS = tuple(f.name for f in config_lib.fields() if f.metadata["hf"] == config_lib.OPTION)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                    "added_tokens.json", "chat_template.jinja", "chat_template.json", "vocab.json", "merges.txt")
 
@@ -53,13 +51,15 @@ def config_from_hf(raw: dict[str, Any], source: str = "config.json") -> DogeConf
         hf.standardize_rope_params()
     rope = dict(getattr(hf, "rope_parameters", None) or {})
     fields = {name: getattr(hf, name) for name in HF_TO_JAX_FIELDS if hasattr(hf, name)}
-    rope_type = rope.get("rope_type", rope.get("type", "default"))
-    fields.update(rope_theta=float(rope.get("rope_theta", raw.get("rope_theta", 10000.0))), rope_type=rope_type,
-                  rope_factor=float(rope.get("factor", 1.0)))
+    rope.setdefault("rope_type", rope.get("type", "default"))
+    rope.setdefault("rope_theta", raw.get("rope_theta", 10000.0))
+    rope.setdefault("factor", 1.0)
+    fields.update({ours: rope[key] for key, ours in ROPE_FIELDS.items()})
+    fields["rope_theta"], fields["rope_factor"] = float(fields["rope_theta"]), float(fields["rope_factor"])
     head_dim = raw.get("head_dim")
     if head_dim:
         fields["head_dim"] = int(head_dim)
-    for name in JAX_ONLY_FIELDS + ("qk_norm", "dt_heads"):
+    for name in JAX_ONLY_FIELDS:
         if OPTION_PREFIX + name in raw:
             fields[name] = raw[OPTION_PREFIX + name]
     # Checkpoints from transformers route with its view(2, B*T, -1) layout: reproduce it unless told otherwise.
@@ -75,18 +75,19 @@ def config_to_hf(cfg: DogeConfig, dtype: str = "float32"):
     from transformers import DogeConfig as HFDogeConfig
 
     if not cfg.qk_norm or cfg.dt_heads != "kv":
-        raise ValueError(f"qk_norm={cfg.qk_norm}, dt_heads={cfg.dt_heads!r}: transformers 5 Doge needs q/k norm "
-                         f"and dt per kv head; this older SmallDoge layout cannot be exported to it")
-    rope = {"rope_type": cfg.rope_type, "rope_theta": cfg.rope_theta}
-    if cfg.rope_type != "default":
-        # transformers' dynamic NTK scales from max_position_embeddings; the key takes no other parameter.
-        rope["factor"] = cfg.rope_factor
+        raise ValueError(f"qk_norm={cfg.qk_norm}, dt_heads={cfg.dt_heads!r}: neither transformers 5 Doge (q/k norm, "
+                         f"dt per kv head) nor the first SmallDoge layout (no q/k norm, dt per attention head); "
+                         f"no transformers model computes it")
+    rope = {key: getattr(cfg, ours) for key, ours in ROPE_FIELDS.items()}
+    if cfg.rope_type == "default":  # transformers' default rope takes no factor
+        rope.pop("factor")
     fields = {name: getattr(cfg, name) for name in HF_TO_JAX_FIELDS}
     hf = HFDogeConfig(**fields, head_dim=cfg.head_dim, rope_parameters=rope)
     hf.architectures = ["DogeForCausalLM"]
     hf.dtype = dtype
     for name in JAX_ONLY_FIELDS:
-        setattr(hf, OPTION_PREFIX + name, getattr(cfg, name))
+        if name not in ("qk_norm", "dt_heads"):  # the layout options: only their transformers value is exported
+            setattr(hf, OPTION_PREFIX + name, getattr(cfg, name))
     return hf
 
 

@@ -23,7 +23,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from doge_jax.config import DogeConfig
+from doge_jax.model.config import DogeConfig
 
 CHECKPOINTS = "checkpoints"
 TOKENIZER = "tokenizer"
@@ -120,7 +120,7 @@ def load_params(ref: CheckpointRef, abstract_params: Any, shardings: Any = None)
 
 def load_model(path: str, *, step: int | None = None, **config_overrides) -> nnx.Module:
     """The NNX model stored at `path` (a workdir, its checkpoints/ folder or a step folder)."""
-    from doge_jax import model as model_lib
+    from doge_jax.model import decoder as model_lib
 
     ref = resolve(path, step)
     cfg = load_config(ref)

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from doge_jax import model as model_lib
+from doge_jax.model import decoder as model_lib
 
 NEG_INF = -jnp.inf
 

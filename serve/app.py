@@ -22,13 +22,13 @@ from litestar.handlers import BaseRouteHandler
 from litestar.openapi import OpenAPIConfig
 from litestar.response import Stream
 
-from serve import validate
-from serve.config import ServeConfig
-from serve.engine import Engine, Overloaded
-from serve.errors import EXCEPTION_HANDLERS, APIError
-from serve.metrics import Metrics
-from serve.protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
-from serve.responses import Reply
+from . import validate
+from .config import ServeConfig
+from .engine import Engine, Overloaded
+from .errors import EXCEPTION_HANDLERS, APIError
+from .metrics import Metrics
+from .protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
+from .responses import Reply
 
 log = logging.getLogger("serve.app")
 
@@ -182,7 +182,7 @@ async def metrics(request: Request) -> Response:
 
 @get("/", include_in_schema=False, media_type="text/html")
 async def chat_page() -> Response:
-    html = resources.files("serve").joinpath("static/index.html").read_bytes()
+    html = resources.files(__package__).joinpath("static/index.html").read_bytes()
     return Response(html, media_type="text/html; charset=utf-8")
 
 
@@ -193,11 +193,11 @@ def create_app(config: ServeConfig, engine: Engine | None = None, tokenizer=None
     async def lifespan(app: Litestar):
         state = app.state
         if state.engine is None:
-            from serve.loading import load
+            from .loading import load
 
             try:
                 model, tok = await asyncio.to_thread(
-                    load, config.model, config.revision, config.dtype, config.chat_template
+                    load, config.model, config.revision, config.dtype, config.chat_template, config.trust_remote_code
                 )
             except Exception as exc:
                 log.error("cannot load model %r: %s: %s", config.model, type(exc).__name__, exc)

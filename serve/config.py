@@ -20,6 +20,9 @@ class ServeConfig:
     decode_path: str = "static"  # "static": slot cache + hand-written step (faster); "dynamic": the model's forward
     quantize: str | None = None  # "int8": int8 weight-only linears and LM head
     default_max_tokens: int | None = None  # chat default when the request sets none; None = rest of the context
+    # Run the modeling code a model folder ships (config.json `auto_map`), as the first-layout SmallDoge exports
+    # need. Off by default: that code runs with the server's rights, so it is the operator's explicit choice.
+    trust_remote_code: bool = False
     host: str = "127.0.0.1"
     port: int = 8000
 

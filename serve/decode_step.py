@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from serve.quantize import Int8Linear
+from .quantize import Int8Linear
 
 
 class _Fused:
@@ -103,6 +103,10 @@ class DecodeStep:
         cfg = model.config
         if getattr(cfg, "sliding_window", None) is not None:
             raise ValueError(f"sliding_window={cfg.sliding_window}: the static decode path does not implement it")
+        first = model.model.layers[0].self_attn
+        if not hasattr(first, "q_norm") or first.dt_proj.out_features != cfg.num_key_value_heads:
+            raise ValueError(f"{type(first).__name__} (no q/k norm, or dt_proj per attention head: the first "
+                             "SmallDoge layout): the static decode path implements native Doge only")
         self.model = model
         self.dtype = model.dtype
         attn = model.model.layers[0].self_attn

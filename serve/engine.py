@@ -28,13 +28,13 @@ from dataclasses import dataclass, field
 
 import torch
 
-from serve.detokenize import IncrementalDetokenizer
-from serve.decode_step import DecodeStep
-from serve.kv_batch import KVBatch
-from serve.quantize import quantize_linears
-from serve.sampling import RowState, SamplingParams, make_generator, sample
-from serve.static_cache import SlotBatch
-from serve.stops import StopStringFilter
+from .decode_step import DecodeStep
+from .detokenize import IncrementalDetokenizer
+from .kv_batch import KVBatch
+from .quantize import quantize_linears
+from .sampling import RowState, SamplingParams, make_generator, sample
+from .static_cache import SlotBatch
+from .stops import StopStringFilter
 
 log = logging.getLogger("serve.engine")
 

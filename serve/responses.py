@@ -13,9 +13,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator
 
-from serve.engine import ChoiceDelta, EngineFailure, RequestHandle, TokenLogprob
-from serve.errors import APIError
-from serve.protocol import encode
+from .engine import ChoiceDelta, EngineFailure, RequestHandle, TokenLogprob
+from .errors import APIError
+from .protocol import encode
 
 DONE = b"data: [DONE]\n\n"
 

@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import torch
 
-from serve.decode_step import DecodeStep
-from serve.kv_batch import KVBatch
+from .decode_step import DecodeStep
+from .kv_batch import KVBatch
 
 CHUNK = 256  # capacity grows by this many key columns at a time
 

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from serve.errors import APIError, invalid
-from serve.protocol import ChatCompletionRequest, ChatMessage, CompletionRequest
-from serve.sampling import SamplingParams
+from .errors import APIError, invalid
+from .protocol import ChatCompletionRequest, ChatMessage, CompletionRequest
+from .sampling import SamplingParams
 
 
 def check_model(requested: str | None, served: str) -> None:

@@ -4,14 +4,15 @@ process, so the device count can be set before jax is imported): `python tests/m
 is computed once.
 
 For every (data, fsdp, tensor, expert) mesh of each device count listed in MESHES it checks, against the
-unsharded reference (`moe.experts_reference`, no mesh):
+unsharded reference (`moe_reference.experts_reference`, no mesh):
   layer  CDMoE output and the gradients of all its parameters and of its input;
          and that the compiled step never all-gathers a whole expert table;
   model  a tiny Doge-MoE's loss (CE + aux + z-loss) and the gradients of every parameter;
-  auto   the default `experts_auto` under `jax.set_mesh` takes the expert-parallel path and agrees.
+  auto   moe_impl="auto" under `jax.set_mesh` takes the expert-parallel path and agrees; "explicit" names
+         moe_impl="expert_parallel" in the config.
 With --train, configs/doge_tiny_moe.py and configs/doge_40m_moe.py (2 and 1 layers: more only cost compile
 time) take a few AdamW steps under `jax.set_mesh` on a (data=2, expert=N/2) mesh, the way the trainer should
-run them, reporting `moe.routing_stats` as metrics.
+run them, reporting the routing statistics (`CausalLMOutput.moe.stats`) as metrics.
 Prints one line per check and exits non-zero on the first mismatch.
 
 Tolerances (fp32): outputs and loss 2e-5 absolute, gradients 2e-5 relative to the largest entry of each
@@ -29,7 +30,6 @@ os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={N}"
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import contextlib  # noqa: E402
 import re  # noqa: E402
 import time  # noqa: E402
 
@@ -39,11 +39,12 @@ import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 from jax.sharding import AxisType, NamedSharding  # noqa: E402
 
-from doge_jax import loss as loss_lib  # noqa: E402
-from doge_jax import model as model_lib  # noqa: E402
-from doge_jax import moe, moe_parallel  # noqa: E402
-from doge_jax import sharding as sh  # noqa: E402
-from doge_jax.config import DogeConfig  # noqa: E402
+from doge_jax.model import loss as loss_lib  # noqa: E402
+from doge_jax.model import decoder as model_lib  # noqa: E402
+from doge_jax.model import moe as moe_block  # noqa: E402
+from doge_jax.model import moe_reference as moe  # noqa: E402
+from doge_jax.parallel import sharding as sh  # noqa: E402
+from doge_jax.model.config import DogeConfig  # noqa: E402
 
 ATOL = 2e-5
 GRAD_RTOL = 2e-5
@@ -113,15 +114,16 @@ def shard_params(params, mesh):
 
 def layer_loss(graphdef, params, h):
     layer = nnx.merge(graphdef, params)
-    out, scores = layer(h)
+    block = layer(h)
+    out, scores = block.out, block.routing.scores
     # A loss that weighs every output entry differently, plus the router scores so routing gets gradients.
     w = jnp.sin(jnp.arange(out.size, dtype=jnp.float32)).reshape(out.shape)
     return jnp.sum(out * w) + 0.1 * jnp.sum(jnp.tanh(scores)), out
 
 
 def check_layer():
-    """Under `jax.set_mesh`, with the default experts_fn (experts_auto) and routing (select_experts_auto)."""
-    layer = moe.CDMoE(LAYER_CFG, dtype=jnp.float32, rngs=nnx.Rngs(0))
+    """Under `jax.set_mesh`, with moe_impl="auto" (expert-parallel when the mesh has an expert axis > 1)."""
+    layer = moe_block.CDMoE(LAYER_CFG, dtype=jnp.float32, rngs=nnx.Rngs(0))
     graphdef, params = nnx.split(layer)
     h = jax.random.normal(jax.random.key(1), (8, 6, LAYER_CFG.hidden_size))  # [B, T, D]; B·T = 48 ≠ E = 64
     grad_fn = jax.value_and_grad(lambda p, x: layer_loss(graphdef, p, x), argnums=(0, 1), has_aux=True)
@@ -139,7 +141,7 @@ def check_layer():
             hlo = step.lower(p_sh, h_sh).compile().as_text()
             (loss, out), grads = step(p_sh, h_sh)
         if shape[3] > 1 and "shard_map" not in hlo:
-            fail(f"layer {shape}: experts_auto did not take the expert-parallel path")
+            fail(f"layer {shape}: moe_impl='auto' did not take the expert-parallel path")
         if whole_table_gather.search(hlo):
             fail(f"layer {shape}: the compiled step all-gathers a whole [{E}, {D}] expert table")
         if routing_gather.search(hlo):
@@ -161,7 +163,7 @@ def model_loss(graphdef, rest, params, ids, mask):
     labels = jnp.where(mask > 0, ids, loss_lib.IGNORE_INDEX)
     value = loss_lib.causal_lm_loss(out.logits, labels)
     value += cfg.router_aux_loss_coef * out.aux_loss
-    value += cfg.router_z_loss_coef * moe.router_z_loss(list(out.router_scores), mask.reshape(-1))
+    value += cfg.router_z_loss_coef * out.moe.z_loss
     return value
 
 
@@ -183,15 +185,12 @@ def check_model():
         batch = NamedSharding(mesh, sh.logical_to_spec((sh.BATCH, None)))
         ids_sh, mask_sh = jax.device_put(ids, batch), jax.device_put(mask, batch)
         p_sh = shard_params(params, mesh)
-        if how == "auto":  # the defaults (experts_auto, select_experts_auto) switched on by the mesh context
+        if how == "auto":  # moe_impl="auto": expert-parallel chosen from the mesh
             g, r = graphdef, rest
-            ctx = jax.set_mesh(mesh)
-        else:  # moe_parallel.use_expert_parallel, no mesh context
-            ep_model = nnx.merge(graphdef, params, rest)
-            moe_parallel.use_expert_parallel(ep_model, mesh)
+        else:  # moe_impl="expert_parallel", named explicitly in the config
+            ep_model = model_lib.build(MODEL_CFG.replace(moe_impl="expert_parallel"), seed=3)
             g, _, r = nnx.split(ep_model, nnx.Param, ...)
-            ctx = contextlib.nullcontext()
-        with ctx:
+        with jax.set_mesh(mesh):
             loss, grads = jax.jit(jax.value_and_grad(lambda p: model_loss(g, r, p, ids_sh, mask_sh)))(p_sh)
         if abs(float(loss) - float(ref_loss)) > ATOL:
             fail(f"model {shape} {how}: loss {float(loss)} vs reference {float(ref_loss)}")
@@ -228,16 +227,15 @@ def train_few_steps(config_module, mesh_shape, *, steps, batch, length, **overri
             out = m(ids, mask)
             labels = jnp.where(mask > 0, ids, loss_lib.IGNORE_INDEX)
             ce = loss_lib.causal_lm_loss(out.logits, labels)
-            return ce + cfg.router_aux_loss_coef * out.aux_loss, out.router_scores
+            return ce + cfg.router_aux_loss_coef * out.aux_loss, out.moe.stats
 
-        (value, scores), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+        (value, stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
         updates, opt_state = tx.update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)
-        stats = moe.routing_stats(list(scores), cfg.num_experts, cfg.num_experts_per_tok, mask.reshape(-1))
         return params, opt_state, {"loss": value, **{f"moe/{k}": v for k, v in stats.items()}}
 
     t0 = time.perf_counter()
-    with jax.set_mesh(mesh):  # switches on experts_auto / select_experts_auto
+    with jax.set_mesh(mesh):  # moe_impl='auto' takes the expert-parallel path on this mesh
         jitted = jax.jit(step, donate_argnums=(0, 1)).lower(params, opt_state, ids, mask).compile()
     if "shard_map" not in jitted.as_text():
         fail(f"train {config_module}: the step does not use the expert-parallel shard_map")

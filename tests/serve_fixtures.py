@@ -76,7 +76,7 @@ _model_dirs: dict[str, Path] = {}
 
 def _model_dir(tmp_path_factory, name: str, **kwargs) -> Path:
     """Built once per session, even when several test modules import the fixture."""
-    from serve.testing import make_tiny_model_dir
+    from serve_testing import make_tiny_model_dir
 
     if name not in _model_dirs:
         _model_dirs[name] = make_tiny_model_dir(tmp_path_factory.mktemp("models") / name, **kwargs)

@@ -20,7 +20,7 @@ import convert
 from doge_jax import checkpoint as ckpt
 from doge_jax.posttrain import chat, trainer_kwargs
 from doge_jax.sampler import Sampler, SamplingParams
-from doge_jax.tokenizer import load_tokenizer
+from doge_jax.data.tokenizer import load_tokenizer
 from doge_jax.trainer import Trainer
 from doge_jax.trainer.metrics import METRICS_FILE, read_jsonl
 

@@ -12,8 +12,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from doge_jax import dma
-from doge_jax.kernels import dma_pallas
+from doge_jax.kernels.gpu_dma import dma_pallas_gpu
+from doge_jax.model.dma_reference import dma_reference
+from doge_jax.model.mask import MaskSpec
 
 OUT_ATOL = 1e-5
 GRAD_RTOL = 1e-4
@@ -29,13 +30,24 @@ def _inputs(seed, *, B, T, S, N, K, G, H, dt_values=None):
     return (q, k, v, dt), do
 
 
+def reference(q, k, v, dt, *, scale, dropout_rate=0.0, dropout_rng=None, **mask_kw):
+    return dma_reference(q, k, v, dt, MaskSpec(**mask_kw), scale=scale, dropout_rate=dropout_rate,
+                         dropout_rng=dropout_rng)
+
+
+def dma_pallas(q, k, v, dt, *, scale, interpret=True, block_q=None, block_k=None, sparse=None, chunk=None,
+               **mask_kw):
+    return dma_pallas_gpu(q, k, v, dt, MaskSpec(**mask_kw), scale=scale, interpret=interpret, block_q=block_q,
+                          block_k=block_k, sparse=sparse, chunk=chunk)
+
+
 def _value_and_grads(fn, args, do):
     out, vjp = jax.vjp(jax.jit(fn), *args)
     return out, vjp(do)
 
 
 def _check(args, do, mask_kw, kernel_kw):
-    ref_out, ref_grads = _value_and_grads(lambda *a: dma.dynamic_mask_attention(*a, **mask_kw), args, do)
+    ref_out, ref_grads = _value_and_grads(lambda *a: reference(*a, **mask_kw), args, do)
     out, grads = _value_and_grads(lambda *a: dma_pallas(*a, **mask_kw, interpret=True, **kernel_kw), args, do)
     np.testing.assert_allclose(out, ref_out, atol=OUT_ATOL, rtol=0)
     for name, g, ref in zip(("dq", "dk", "dv", "ddt"), grads, ref_grads):
@@ -97,7 +109,7 @@ def test_tied_bias_keeps_every_tied_key():
     mask_kw = dict(scale=0.125, keep_window_size=40)
     _check(args, do, mask_kw, dict(block_q=16, block_k=32, sparse=True, chunk=64))
     q, k, v, dt = args
-    no_topk = dma.dynamic_mask_attention(q, k, v, dt, scale=0.125, keep_window_size=200)
+    no_topk = reference(q, k, v, dt, scale=0.125, keep_window_size=200)
     np.testing.assert_allclose(dma_pallas(q, k, v, dt, **mask_kw, interpret=True), no_topk, atol=OUT_ATOL, rtol=0)
 
 
@@ -109,17 +121,15 @@ def test_partially_tied_bias():
     _check(args, do, dict(scale=0.125, keep_window_size=32), dict(block_q=16, block_k=32, sparse=True, chunk=64))
 
 
-def test_falls_back_to_reference_for_decoding_and_dropout():
+def test_refuses_decoding_offsets_in_one_line():
+    """A traced or per-batch q_offset (decoding with a cache) is not the kernel's: it says so instead of falling
+    back (the dispatcher, doge_jax.model.attention_impl, decides what runs instead)."""
     (q, k, v, dt), _ = _inputs(6, B=2, T=1, S=40, N=4, K=2, G=2, H=64)
     kw = dict(scale=0.125, keep_window_size=16, kv_mask=jnp.arange(40)[None, :] <= jnp.array([[20], [30]]))
-    offsets = jnp.array([20, 30])  # per-batch cache position: the reference computes it
-    kernel = jax.jit(lambda q_offset, rng: dma_pallas(q, k, v, dt, q_offset=q_offset, **kw))
-    reference = jax.jit(lambda q_offset, rng: dma.dynamic_mask_attention(q, k, v, dt, q_offset=q_offset, **kw))
-    np.testing.assert_array_equal(kernel(offsets, None), reference(offsets, None))
-    rng = jax.random.key(0)
-    kernel = jax.jit(lambda rng: dma_pallas(q, k, v, dt, dropout_rate=0.5, dropout_rng=rng, **kw))
-    reference = jax.jit(lambda rng: dma.dynamic_mask_attention(q, k, v, dt, dropout_rate=0.5, dropout_rng=rng, **kw))
-    np.testing.assert_array_equal(kernel(rng), reference(rng))
+    with pytest.raises(ValueError, match=r"^dma_pallas_gpu cannot run a traced or per-batch q_offset"):
+        dma_pallas(q, k, v, dt, q_offset=jnp.array([20, 30]), **kw)
+    with pytest.raises(ValueError, match="traced or per-batch q_offset"):
+        jax.jit(lambda off: dma_pallas(q, k, v, dt, q_offset=off, **kw))(jnp.int32(20))
 
 
 def test_bfloat16_inputs():
@@ -129,6 +139,6 @@ def test_bfloat16_inputs():
     q, k, v = (x.astype(jnp.bfloat16) for x in (q, k, v))
     kw = dict(scale=0.125, keep_window_size=40)
     out = jax.jit(lambda *a: dma_pallas(*a, **kw, interpret=True, block_q=16, block_k=32))(q, k, v, dt)
-    ref = dma.dynamic_mask_attention(q, k, v, dt, **kw)
+    ref = reference(q, k, v, dt, **kw)
     assert out.dtype == jnp.bfloat16
     np.testing.assert_allclose(out.astype(jnp.float32), ref.astype(jnp.float32), atol=3e-2, rtol=0)

@@ -1,4 +1,4 @@
-"""A model with attention_impl="pallas" (interpret mode on CPU) gives the loss and gradients of attention_impl="xla"."""
+"""A model with attention_impl="pallas_gpu" (interpret mode on CPU) gives the loss and gradients of attention_impl="xla"."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 from flax import nnx
 
 import doge_jax
-from doge_jax import model as model_lib
+from doge_jax.model import decoder as model_lib
 
 CFG = doge_jax.DogeConfig(vocab_size=101, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
@@ -35,7 +35,7 @@ def test_pallas_model_matches_xla(dt_heads):
     ids = jnp.asarray(rng.integers(0, 101, size=(2, 40)), jnp.int32)
     attention_mask = jnp.asarray(np.arange(40)[None, :] >= np.array([[0], [9]]), jnp.int32)  # left padding
     loss_x, grads_x = _loss_and_grads(CFG.replace(dt_heads=dt_heads), ids, attention_mask)
-    loss_p, grads_p = _loss_and_grads(CFG.replace(dt_heads=dt_heads, attention_impl="pallas"), ids, attention_mask)
+    loss_p, grads_p = _loss_and_grads(CFG.replace(dt_heads=dt_heads, attention_impl="pallas_gpu"), ids, attention_mask)
     np.testing.assert_allclose(loss_p, loss_x, atol=1e-5, rtol=0)
     flat_x, flat_p = jax.tree.leaves_with_path(grads_x), jax.tree.leaves(grads_p)
     for (path, gx), gp in zip(flat_x, flat_p):

@@ -10,7 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from doge_jax.kernels import _topk
+from dma_walk import walked_keys
+from doge_jax.kernels import topk as _topk
 
 
 def _brute_thresholds(x: np.ndarray, w: int) -> np.ndarray:
@@ -71,7 +72,7 @@ def test_sparse_walk_reaches_every_kept_key(ties):
     # dK/dV walk of a key's tile: query tiles up to the last one overlapping its chunk, or up to its exit.
     i_hi = np.maximum(((chunk_of + 1) * chunk - 1 - q_offset) // bq + 1, tile_exit[tile_of])
     assert np.all(~kept | (tiles < i_hi[None, :]))
-    walked = np.asarray(_topk.walked_keys(ntab, n_keys=s, q_offset=q_offset, block_q=bq, block_k=bk, chunk=chunk))
+    walked = np.asarray(walked_keys(ntab, n_keys=s, q_offset=q_offset, block_q=bq, block_k=bk, chunk=chunk))
     assert np.all(walked >= kept.sum(axis=1))
 
 
@@ -82,6 +83,6 @@ def test_sparse_walk_reads_far_fewer_keys_at_16k():
     chunk = _topk.default_chunk(s, bk)
     thrpos = _topk.prefix_thresholds(dt, w)
     _, ntab, _ = _topk.sparse_plan(thrpos, dt, q_offset=0, n_q_tiles=s // bq, block_q=bq, block_k=bk, chunk=chunk)
-    walked = int(_topk.walked_keys(ntab, n_keys=s, q_offset=0, block_q=bq, block_k=bk, chunk=chunk).sum())
+    walked = int(walked_keys(ntab, n_keys=s, q_offset=0, block_q=bq, block_k=bk, chunk=chunk).sum())
     dense = sum(-(-(i + 1) * bq // bk) * bk for i in range(s // bq))  # causal key blocks per tile
     assert dense / walked > 2.5, (dense, walked, chunk)

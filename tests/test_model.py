@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 
 import doge_jax
-from doge_jax import model as model_lib
+from doge_jax.model import decoder as model_lib
 
 CFG = doge_jax.DogeConfig(vocab_size=101, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32,

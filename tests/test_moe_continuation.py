@@ -17,7 +17,9 @@ import jax.numpy as jnp
 import convert
 import doge_jax
 from doge_jax import checkpoint as ckpt
-from doge_jax import continuation, moe
+from doge_jax import continuation
+from doge_jax.cli import continuation as continuation_cli
+from doge_jax.model import moe_reference as moe
 from hf_reference import make_hf_model, torch_logits
 
 LOGIT_ATOL = 2e-5
@@ -44,7 +46,7 @@ def dense(tmp_path_factory):
 @pytest.fixture(scope="module")
 def moe_ckpt(dense, tmp_path_factory):
     out = tmp_path_factory.mktemp("moe") / "ckpt"
-    rc = continuation.main(["--dense", dense[0], "--out", str(out), "--num-experts", str(NUM_EXPERTS),
+    rc = continuation_cli.main(["--dense", dense[0], "--out", str(out), "--num-experts", str(NUM_EXPERTS),
                             "--top-k", str(TOP_K), "--seed", "3"])
     assert rc == 0
     return str(out)
@@ -82,11 +84,12 @@ def test_moe_at_init_is_dense_plus_expert_term(dense, moe_ckpt):
     # Layer level: the CDMoE is the dense MLP plus the reference expert term on the same input.
     x = jax.random.normal(jax.random.key(0), (2, 5, model.cfg.hidden_size))
     mlp, dense_mlp = model.layers[0].mlp, dense_model.layers[0].mlp
-    out, scores = mlp(x)
+    block = mlp(x)
+    out, scores = block.out, block.routing.scores
     expert_scores, idx = moe.select_experts(scores, model.cfg.num_keys, TOP_K)
     term = moe.experts_reference(x.reshape(10, -1), idx, moe.routing_weights(expert_scores, False),
                                  mlp.down_embed[...], mlp.up_embed[...], mlp.act).reshape(x.shape)
-    np.testing.assert_allclose(np.asarray(out), np.asarray(dense_mlp(x) + term), atol=1e-6, rtol=0)
+    np.testing.assert_allclose(np.asarray(out), np.asarray(dense_mlp(x).out + term), atol=1e-6, rtol=0)
 
     for layer in model.layers:
         layer.mlp.up_embed[...] = jnp.zeros_like(layer.mlp.up_embed[...])
@@ -96,7 +99,7 @@ def test_moe_at_init_is_dense_plus_expert_term(dense, moe_ckpt):
     print(f"\nstep-0 MoE vs dense (random dense model, σ={model.cfg.initializer_range}): max |Δlogit| = "
           f"{diff:.2e}, max |logit| {np.abs(dense_logits).max():.2f}; layer 0 on x ~ N(0, 1): "
           f"rms(expert term) / rms(x) = {rms(term) / rms(x):.1e}, rms(dense MLP) / rms(x) = "
-          f"{rms(dense_mlp(x)) / rms(x):.1e}")
+          f"{rms(dense_mlp(x).out) / rms(x):.1e}")
     assert 0 < diff and np.isfinite(moe_logits).all()
 
 
@@ -115,7 +118,7 @@ def test_continuation_rejects_bad_inputs(dense, moe_ckpt, tmp_path):
         continuation.continue_from_dense(moe_ckpt, str(tmp_path / "b"), num_experts=64, top_k=4)
     with pytest.raises(FileExistsError, match="already exists"):
         continuation.continue_from_dense(dense[0], moe_ckpt, num_experts=64, top_k=4)
-    assert continuation.main(["--dense", dense[0], "--out", str(tmp_path / "c"), "--num-experts", "60",
+    assert continuation_cli.main(["--dense", dense[0], "--out", str(tmp_path / "c"), "--num-experts", "60",
                               "--top-k", "4"]) == 2
     assert not (tmp_path / "c").exists()
 
@@ -141,7 +144,7 @@ def test_export_loads_in_transformers(moe_ckpt, tmp_path):
     B, T = ids.shape
     nk = as_hf.cfg.num_keys
     differ = []
-    for scores in out_hf.router_scores:  # [2, B·T, nk] in transformers' view of logits [B, T, 2·nk]
+    for scores in (r.scores for r in out_hf.routing):  # [2, B·T, nk]: transformers' view of logits [B, T, 2·nk]
         logits = scores.reshape(B, T, 2 * nk)
         _, idx_hf = moe.select_experts(moe.router_scores(logits, "transformers"), nk, TOP_K)
         _, idx_tok = moe.select_experts(moe.router_scores(logits, "per_token"), nk, TOP_K)

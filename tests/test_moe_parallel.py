@@ -18,9 +18,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from doge_jax import moe, moe_parallel
-from doge_jax import sharding as sh
-from doge_jax.config import DogeConfig
+from doge_jax.model import moe_reference as moe
+from doge_jax.parallel import experts as moe_parallel
+from doge_jax.parallel import sharding as sh
+from doge_jax.model.config import DogeConfig
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -62,15 +63,26 @@ def test_expert_axis_must_divide_num_experts():
     assert moe_parallel.expert_axis_size(jax.sharding.get_abstract_mesh()) == 1
 
 
-def test_default_experts_fn_is_the_reference_without_a_mesh():
+def test_moe_impl_is_chosen_from_the_config_and_mesh():
+    from doge_jax.model import moe as moe_block
+
+    no_mesh = jax.sharding.get_abstract_mesh()
+    expert4 = jax.sharding.AbstractMesh((1, 1, 1, 4), sh.MESH_AXES)
+    data4 = jax.sharding.AbstractMesh((4, 1, 1, 1), sh.MESH_AXES)
+    assert moe_block.experts_impl("auto", no_mesh) == "reference"
+    assert moe_block.experts_impl("auto", data4) == "reference"
+    assert moe_block.experts_impl("auto", expert4) == "expert_parallel"
+    assert moe_block.experts_impl("reference", expert4) == "reference"
+    assert moe_block.experts_impl("expert_parallel", data4) == "expert_parallel"
+    with pytest.raises(ValueError, match=r"^moe_impl='expert_parallel' needs a device mesh"):
+        moe_block.experts_impl("expert_parallel", no_mesh)
     cfg = DogeConfig(vocab_size=31, hidden_size=16, intermediate_size=24, num_hidden_layers=1,
                      num_attention_heads=2, is_moe=True, num_experts=16, num_experts_per_tok=3)
-    layer = moe.CDMoE(cfg, dtype=jnp.float32, rngs=nnx.Rngs(0))
-    assert layer.experts_fn is moe.experts_auto
     x = jax.random.normal(jax.random.key(1), (2, 3, 16))
-    out = layer(x)[0]
-    layer.experts_fn = moe.experts_reference
-    np.testing.assert_array_equal(np.asarray(out), np.asarray(layer(x)[0]))
+    out = moe_block.CDMoE(cfg, dtype=jnp.float32, rngs=nnx.Rngs(0))(x)
+    ref = moe_block.CDMoE(cfg.replace(moe_impl="reference"), dtype=jnp.float32, rngs=nnx.Rngs(0))(x)
+    np.testing.assert_array_equal(np.asarray(out.out), np.asarray(ref.out))
+    assert out.routing.indices.shape == (6, 3)
 
 
 def test_routing_stats_counts_assignments():
@@ -79,10 +91,11 @@ def test_routing_stats_counts_assignments():
     sx = jnp.array([[big, small], [big, small], [small, big]])  # tokens pick x = 0, 0, 1
     sy = jnp.array([[big, small], [big, small], [small, big]])  # and y = 0, 0, 1 → experts 0, 0, 3
     scores = jnp.stack([sx, sy])  # [2, M=3, nk=2]
-    stats = moe.routing_stats([scores], num_experts=4, top_k=1)
+    stats = moe.routing_summary([moe.routing_from_scores(scores, 2, 1)], num_experts=4).stats
     assert {k: round(float(v), 4) for k, v in stats.items()} == {
         "experts_used": 0.5, "load_max": 2.0, "load_mean": 0.75, "load_max_over_mean": round(2 / 0.75, 4)}
-    masked = moe.routing_stats([scores, scores], 4, 1, token_mask=jnp.array([1, 1, 0]))  # layers averaged
+    routing = moe.routing_from_scores(scores, 2, 1)
+    masked = moe.routing_summary([routing, routing], 4, token_mask=jnp.array([1, 1, 0])).stats  # layers averaged
     assert {k: round(float(v), 4) for k, v in masked.items()} == {
         "experts_used": 0.25, "load_max": 2.0, "load_mean": 0.5, "load_max_over_mean": 4.0}
 
@@ -91,7 +104,7 @@ def test_routing_stats_counts_assignments():
 def test_moe_configs_shard_over_eight_expert_devices(name):
     import importlib
 
-    from doge_jax import model as model_lib
+    from doge_jax.model import decoder as model_lib
 
     cfg = DogeConfig.from_dict(importlib.import_module(f"configs.{name}").get_config().model.to_dict())
     assert cfg.is_moe and cfg.num_keys ** 2 == cfg.num_experts and cfg.num_experts % 8 == 0

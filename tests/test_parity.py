@@ -17,7 +17,7 @@ from flax import nnx
 
 import convert
 import doge_jax
-from doge_jax import loss as loss_lib
+from doge_jax.model import loss as loss_lib
 from hf_reference import make_hf_model, random_ids, torch_logits
 
 LOGIT_ATOL = 2e-5
@@ -138,7 +138,7 @@ def test_loss_and_gradients_match(overrides, tmp_path):
 def test_moe_aux_loss_matches_transformers():
     from transformers.models.doge.modeling_doge import load_balancing_loss_func
 
-    from doge_jax import moe
+    from doge_jax.model import moe_reference as moe
 
     rng = np.random.default_rng(0)
     layers = [rng.normal(size=(2, 30, 8)).astype(np.float32) for _ in range(3)]
@@ -146,6 +146,6 @@ def test_moe_aux_loss_matches_transformers():
     for m in (None, mask):
         ref = load_balancing_loss_func(tuple(torch.from_numpy(x) for x in layers), 64, 8, 5,
                                        None if m is None else torch.from_numpy(m))
-        ours = moe.load_balancing_loss([jnp.asarray(x) for x in layers], 64, 5,
-                                       None if m is None else jnp.asarray(m.reshape(-1)))
+        routings = [moe.routing_from_scores(jnp.asarray(x), 8, 5) for x in layers]
+        ours = moe.routing_summary(routings, 64, None if m is None else jnp.asarray(m.reshape(-1))).aux_loss
         assert abs(float(ours) - ref.item()) <= 1e-5 * max(1.0, abs(ref.item()))

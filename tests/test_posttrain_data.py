@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 
 import doge_jax
-from doge_jax.loss import IGNORE_INDEX
+from doge_jax.model.loss import IGNORE_INDEX
 from doge_jax.posttrain import chat, datasets, dpo, grpo, records, rewards, sft, stages
-from doge_jax.tokenizer import load_tokenizer
+from doge_jax.data.tokenizer import load_tokenizer
 
 CONVO = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 3 + 4?"},
          {"role": "assistant", "content": "The answer is 7.", "reasoning_content": "3 + 4 = 7"},

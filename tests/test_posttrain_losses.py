@@ -15,7 +15,7 @@ import pytest
 import jax
 import jax.numpy as jnp
 
-from doge_jax.loss import IGNORE_INDEX
+from doge_jax.model.loss import IGNORE_INDEX
 from doge_jax.posttrain import dpo, grpo
 
 LN2 = math.log(2.0)

@@ -126,7 +126,7 @@ def test_filters():
 def test_generate_cli(tmp_path, capsys):
     from doge_jax import checkpoint as ckpt
     from doge_jax import generate
-    from doge_jax.tokenizer import load_tokenizer
+    from doge_jax.data.tokenizer import load_tokenizer
 
     tok = load_tokenizer("default")
     cfg = doge_jax.DogeConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=48, num_hidden_layers=1,

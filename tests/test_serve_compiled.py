@@ -175,7 +175,7 @@ def test_int8_linear_is_its_dequantised_weights():
 
 def _trained_tiny_doge():
     """A tiny Doge trained for a few seconds on stdlib prose, so its logits are as peaked as a real model's."""
-    from serve.testing import _training_text, make_tokenizer
+    from serve_testing import _training_text, make_tokenizer
 
     tokenizer = make_tokenizer(vocab_size=VOCAB)
     ids = tokenizer("\n\n".join(_training_text()))["input_ids"]

@@ -63,7 +63,7 @@ def test_random_pieces_match_whole_string_trim(seed):
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    from serve.testing import make_tokenizer
+    from serve_testing import make_tokenizer
 
     return make_tokenizer(vocab_size=400)
 

@@ -8,7 +8,8 @@ import sys
 import pytest
 from transformers import AutoTokenizer
 
-from doge_jax import tokenizer as doge_tokenizer
+from doge_jax.cli import tokenizer as tokenizer_cli
+from doge_jax.data import tokenizer as doge_tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SAMPLES = [
@@ -55,7 +56,7 @@ def test_cli_trains_a_tokenizer_that_transformers_loads(tmp_path):
         [
             sys.executable,
             "-m",
-            "doge_jax.tokenizer",
+            "doge_jax.cli.tokenizer",
             "train",
             "--corpus",
             str(corpus),
@@ -80,14 +81,14 @@ def test_cli_trains_a_tokenizer_that_transformers_loads(tmp_path):
 
 def test_cli_reports_bad_arguments(tmp_path, capsys):
     assert (
-        doge_tokenizer.main(
+        tokenizer_cli.main(
             ["train", "--corpus", str(tmp_path / "none*.txt"), "--vocab-size", "512", "--out", str(tmp_path / "x")]
         )
         == 2
     )
     assert "matched no files" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
-    assert doge_tokenizer.main(["train", "--vocab-size", "100", "--out", str(tmp_path / "x")]) == 2
+    assert tokenizer_cli.main(["train", "--vocab-size", "100", "--out", str(tmp_path / "x")]) == 2
     assert "--vocab-size=100" in capsys.readouterr().err
 
 

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from doge_jax import DogeConfig, model as model_lib
+from doge_jax import DogeConfig
+from doge_jax.model import decoder as model_lib
 from doge_jax.trainer import make_optimizer, wsd_schedule
 from doge_jax.trainer.optim import decay_mask
 

@@ -11,7 +11,8 @@ import pytest
 from flax import nnx
 
 import train_harness as th
-from doge_jax import DogeConfig, checkpoint as ckpt, model as model_lib
+from doge_jax import DogeConfig, checkpoint as ckpt
+from doge_jax.model import decoder as model_lib
 from doge_jax.trainer import Trainer, TrainingDiverged, make_train_step, pretrain_loss
 
 CFG = DogeConfig(vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,

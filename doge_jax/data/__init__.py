@@ -16,7 +16,7 @@ Also: `default_corpus()` (the offline corpus), `split_documents` (the documents 
 from doge_jax.data._config import data_config_defaults
 from doge_jax.data._corpus import default_corpus
 from doge_jax.data._pipeline import IGNORE_INDEX, make_iterator, split_documents, split_indices
-from doge_jax.tokenizer import load_tokenizer
+from doge_jax.data.tokenizer import load_tokenizer
 
 __all__ = [
     "IGNORE_INDEX",

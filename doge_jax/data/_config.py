@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from doge_jax.errors import ConfigError
+
 import ml_collections
 
 from doge_jax.data._sources import SOURCES, TEXT_UNITS
@@ -39,19 +41,19 @@ def validate(
 ) -> None:
     """Raises ValueError naming the first bad field; the checks that need no I/O."""
     if cfg.source not in SOURCES:
-        raise ValueError(f"data.source={cfg.source!r} is not one of {SOURCES}")
+        raise ConfigError(f"config.data.source={cfg.source!r} is not one of {SOURCES}")
     if cfg.source in ("text", "jsonl", "parquet", "hf_disk", "arrayrecord") and not cfg.path:
-        raise ValueError(f"data.path={cfg.path!r} must name files (or a dir) when data.source={cfg.source!r}")
+        raise ConfigError(f"config.data.path={cfg.path!r} must name files (or a dir) when data.source={cfg.source!r}")
     if cfg.text_unit not in TEXT_UNITS:
-        raise ValueError(f"data.text_unit={cfg.text_unit!r} is not one of {TEXT_UNITS}")
+        raise ConfigError(f"config.data.text_unit={cfg.text_unit!r} is not one of {TEXT_UNITS}")
     if not 0.0 <= cfg.eval_fraction < 1.0:
-        raise ValueError(f"data.eval_fraction={cfg.eval_fraction!r} must be in [0, 1)")
+        raise ConfigError(f"config.data.eval_fraction={cfg.eval_fraction!r} must be in [0, 1)")
     if cfg.num_workers < 0:
-        raise ValueError(f"data.num_workers={cfg.num_workers!r} must be >= 0")
+        raise ConfigError(f"config.data.num_workers={cfg.num_workers!r} must be >= 0")
     if cfg.max_documents < 0:
-        raise ValueError(f"data.max_documents={cfg.max_documents!r} must be >= 0 (0 = all)")
+        raise ConfigError(f"config.data.max_documents={cfg.max_documents!r} must be >= 0 (0 = all)")
     if not 0 <= cfg.seed < 2**32:
-        raise ValueError(f"data.seed={cfg.seed!r} must be in [0, 2**32)")
+        raise ConfigError(f"config.data.seed={cfg.seed!r} must be in [0, 2**32)")
     if seq_len < 2:
         raise ValueError(f"{seq_len=} must be >= 2 (one input and its next-token target)")
     if batch_size < 1:

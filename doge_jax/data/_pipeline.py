@@ -19,6 +19,8 @@ and RoPE never see across a row or a document boundary.
 
 from __future__ import annotations
 
+from doge_jax.errors import ConfigError
+
 import functools
 from collections.abc import Sequence
 
@@ -27,8 +29,7 @@ import numpy as np
 
 from doge_jax.data import _config
 from doge_jax.data import _sources
-
-IGNORE_INDEX = -100
+from doge_jax.model.loss import IGNORE_INDEX  # the one definition: targets the loss skips
 _HASH_KEY = 0x9E3779B97F4A7C15  # fixed, so the held-out set does not move with the shuffle seed
 
 
@@ -194,11 +195,11 @@ def split_documents(
     if data_cfg.max_documents:
         total = min(total, data_cfg.max_documents)
     if total == 0:
-        raise ValueError(f"data.source={data_cfg.source!r} data.path={data_cfg.path!r}: no documents found")
+        raise ConfigError(f"config.data.source={data_cfg.source!r} data.path={data_cfg.path!r}: no documents found")
     indices = split_indices(total, data_cfg.eval_fraction, split)
     if len(indices) == 0:
-        raise ValueError(
-            f"data.eval_fraction={data_cfg.eval_fraction} leaves split {split!r} no documents ({total} in the "
+        raise ConfigError(
+            f"config.data.eval_fraction={data_cfg.eval_fraction} leaves split {split!r} no documents ({total} in the "
             "source); use more documents (e.g. data.text_unit='paragraph' for a few large .txt files) or "
             "change the fraction"
         )
@@ -250,8 +251,8 @@ def make_iterator(
     )
     for name, wanted in (("bos", data_cfg.add_bos), ("eos", data_cfg.add_eos)):
         if wanted and getattr(tokenizer, f"{name}_token_id", None) is None:
-            raise ValueError(
-                f"data.add_{name}=True but tokenizer {getattr(tokenizer, 'name_or_path', '')!r} has no {name}_token"
+            raise ConfigError(
+                f"config.data.add_{name}=True but tokenizer {getattr(tokenizer, 'name_or_path', '')!r} has no {name}_token"
             )
     documents = split_documents(data_cfg, split=split, process_index=process_index, process_count=process_count)
 

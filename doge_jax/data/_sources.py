@@ -18,6 +18,8 @@ processes can take them.
 
 from __future__ import annotations
 
+from doge_jax.errors import ConfigError
+
 import glob
 import json
 import os
@@ -37,7 +39,7 @@ def expand_paths(path, *, field: str = "data.path", suffixes: tuple[str, ...] = 
     """
     specs = [s.strip() for s in path.split(",")] if isinstance(path, str) else list(path or [])
     if not specs or not all(isinstance(s, str) and s for s in specs):
-        raise ValueError(f"{field}={path!r} must be a file path, glob or list of them")
+        raise ConfigError(f"config.{field}={path!r} must be a file path, glob or list of them")
     files = []
     for spec in specs:
         spec = os.path.expanduser(spec)
@@ -50,7 +52,7 @@ def expand_paths(path, *, field: str = "data.path", suffixes: tuple[str, ...] = 
         else:
             matched = sorted(p for p in glob.glob(spec) if os.path.isfile(p))
         if not matched:
-            raise ValueError(f"{field}={spec!r} matched no files")
+            raise ConfigError(f"config.{field}={spec!r} matched no files")
         files.extend(matched)
     return files
 
@@ -140,17 +142,17 @@ class _JsonlFile(Sequence):
         try:
             row = json.loads(line)
         except json.JSONDecodeError as e:
-            raise ValueError(f"data.path={self._path!r} line {self._line_number(i)} is not JSON: {e}") from None
+            raise ConfigError(f"config.data.path={self._path!r} line {self._line_number(i)} is not JSON: {e}") from None
         if not isinstance(row, dict) or self._text_field not in row:
             keys = sorted(row) if isinstance(row, dict) else type(row).__name__
-            raise ValueError(
-                f"data.text_field={self._text_field!r} absent in {self._path} line "
+            raise ConfigError(
+                f"config.data.text_field={self._text_field!r} absent in {self._path} line "
                 f"{self._line_number(i)} (keys: {keys})"
             )
         text = row[self._text_field]
         if not isinstance(text, str):
-            raise ValueError(
-                f"data.text_field={self._text_field!r} in {self._path} line {self._line_number(i)} "
+            raise ConfigError(
+                f"config.data.text_field={self._text_field!r} in {self._path} line {self._line_number(i)} "
                 f"is a {type(text).__name__}, not a string"
             )
         return text
@@ -165,7 +167,7 @@ def _parquet_texts(path: str, text_field: str) -> list[str]:
 
     names = pq.ParquetFile(path).schema_arrow.names
     if text_field not in names:
-        raise ValueError(f"data.text_field={text_field!r} absent in {path} (columns: {names})")
+        raise ConfigError(f"config.data.text_field={text_field!r} absent in {path} (columns: {names})")
     column = pq.read_table(path, columns=[text_field]).column(text_field)
     return [t for t in column.to_pylist() if t]
 
@@ -186,21 +188,21 @@ class _TfdsTexts(Sequence):
         try:
             import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top  (optional dependency)
         except ImportError as e:
-            raise ValueError(
-                f"data.source='tfds' needs tensorflow-datasets: pip install tensorflow-datasets ({e})"
+            raise ConfigError(
+                f"config.data.source='tfds' needs tensorflow-datasets: pip install tensorflow-datasets ({e})"
             ) from None
         try:
             self._source = tfds.data_source(name, split=split, data_dir=data_dir, download=False)
         except Exception as e:  # pylint: disable=broad-except  (tfds raises many types for "not there")
-            raise ValueError(
-                f"data.tfds_name={name!r} split {split!r} could not be opened from "
+            raise ConfigError(
+                f"config.data.tfds_name={name!r} split {split!r} could not be opened from "
                 f"data.tfds_data_dir={data_dir!r}: {type(e).__name__}: {e}".replace("\n", " ")
             ) from None
         self._text_field = text_field
         features = getattr(getattr(self._source, "dataset_info", None), "features", None)
         if features is not None and hasattr(features, "keys") and text_field not in features.keys():
-            raise ValueError(
-                f"data.text_field={text_field!r} absent in TFDS {name!r} (features: {sorted(features.keys())})"
+            raise ConfigError(
+                f"config.data.text_field={text_field!r} absent in TFDS {name!r} (features: {sorted(features.keys())})"
             )
 
     def __len__(self):
@@ -218,19 +220,19 @@ class _HfDiskTexts(Sequence):
         try:
             import datasets  # pylint: disable=g-import-not-at-top  (optional dependency)
         except ImportError as e:
-            raise ValueError(f"data.source='hf_disk' needs datasets: pip install datasets ({e})") from None
+            raise ConfigError(f"config.data.source='hf_disk' needs datasets: pip install datasets ({e})") from None
         if not os.path.isdir(path):
-            raise ValueError(f"data.path={path!r} is not a directory saved by datasets.save_to_disk")
+            raise ConfigError(f"config.data.path={path!r} is not a directory saved by datasets.save_to_disk")
         try:
             ds = datasets.load_from_disk(path)
         except FileNotFoundError as e:
-            raise ValueError(f"data.path={path!r} is not a dataset saved by save_to_disk: {e}") from None
+            raise ConfigError(f"config.data.path={path!r} is not a dataset saved by save_to_disk: {e}") from None
         if isinstance(ds, datasets.DatasetDict):
             if split not in ds:
-                raise ValueError(f"data.hf_split={split!r} not in {path} (splits: {sorted(ds)})")
+                raise ConfigError(f"config.data.hf_split={split!r} not in {path} (splits: {sorted(ds)})")
             ds = ds[split]
         if text_field not in ds.column_names:
-            raise ValueError(f"data.text_field={text_field!r} absent in {path} (columns: {ds.column_names})")
+            raise ConfigError(f"config.data.text_field={text_field!r} absent in {path} (columns: {ds.column_names})")
         self._ds = ds.select_columns([text_field])
         self._text_field = text_field
 
@@ -249,8 +251,8 @@ class _TokenShards(Sequence):
 
         metadata_path = os.path.join(os.path.dirname(paths[0]), PRETOKENIZED_METADATA)
         if not os.path.isfile(metadata_path):
-            raise ValueError(
-                f"data.path={paths[0]!r}: no {PRETOKENIZED_METADATA} beside it; arrayrecord shards "
+            raise ConfigError(
+                f"config.data.path={paths[0]!r}: no {PRETOKENIZED_METADATA} beside it; arrayrecord shards "
                 "must come from python -m doge_jax.data.pretokenize"
             )
         with open(metadata_path) as f:
@@ -269,14 +271,14 @@ def open_documents(cfg) -> Sequence:
     """The documents `cfg` (a data config) names, before any split; raises ValueError on bad config."""
     source = cfg.source
     if source not in SOURCES:
-        raise ValueError(f"data.source={source!r} is not one of {SOURCES}")
+        raise ConfigError(f"config.data.source={source!r} is not one of {SOURCES}")
     if source == "default":
         from doge_jax.data._corpus import default_corpus  # pylint: disable=g-import-not-at-top
 
         return default_corpus()
     if source == "tfds":
         if not cfg.tfds_name:
-            raise ValueError("data.tfds_name='' must name a TFDS dataset when data.source='tfds'")
+            raise ConfigError("config.data.tfds_name='' must name a TFDS dataset when data.source='tfds'")
         return _TfdsTexts(cfg.tfds_name, cfg.tfds_split, cfg.tfds_data_dir or None, cfg.text_field)
     if source == "hf_disk":
         path = cfg.path if isinstance(cfg.path, str) else ",".join(cfg.path)
@@ -284,7 +286,7 @@ def open_documents(cfg) -> Sequence:
     if source == "arrayrecord":
         return _TokenShards(expand_paths(cfg.path, suffixes=(".array_record",)))
     if source == "text" and cfg.text_unit not in TEXT_UNITS:
-        raise ValueError(f"data.text_unit={cfg.text_unit!r} is not one of {TEXT_UNITS}")
+        raise ConfigError(f"config.data.text_unit={cfg.text_unit!r} is not one of {TEXT_UNITS}")
     paths = expand_paths(cfg.path)
     if source == "text":
         if cfg.text_unit == "file":

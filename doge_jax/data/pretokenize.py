@@ -15,6 +15,8 @@ name and renamed, so a killed run leaves no half-written shard.
 
 from __future__ import annotations
 
+from doge_jax.errors import ConfigError
+
 import argparse
 import json
 import os
@@ -25,7 +27,7 @@ import numpy as np
 
 from doge_jax.data import _config
 from doge_jax.data import _sources
-from doge_jax.tokenizer import load_tokenizer
+from doge_jax.data.tokenizer import load_tokenizer
 
 _ENCODE_BATCH = 256  # documents per encode_batch call: the Rust tokenizer spreads a batch over the cores
 
@@ -50,7 +52,7 @@ def pretokenize(data_cfg, *, out_dir: str, num_shards: int, shard_index: int | N
     from array_record.python.array_record_module import ArrayRecordWriter  # pylint: disable=g-import-not-at-top
 
     if data_cfg.source == "arrayrecord":
-        raise ValueError("data.source='arrayrecord' is already pretokenized")
+        raise ConfigError("config.data.source='arrayrecord' is already pretokenized")
     if num_shards < 1:
         raise ValueError(f"--num-shards={num_shards} must be >= 1")
     if shard_index is not None and not 0 <= shard_index < num_shards:
@@ -59,7 +61,7 @@ def pretokenize(data_cfg, *, out_dir: str, num_shards: int, shard_index: int | N
     documents = _sources.open_documents(data_cfg)
     total = len(documents) if not data_cfg.max_documents else min(len(documents), data_cfg.max_documents)
     if total == 0:
-        raise ValueError(f"data.source={data_cfg.source!r} data.path={data_cfg.path!r}: no documents found")
+        raise ConfigError(f"config.data.source={data_cfg.source!r} data.path={data_cfg.path!r}: no documents found")
     dtype = _token_dtype(len(tokenizer))
     os.makedirs(out_dir, exist_ok=True)
     metadata = {

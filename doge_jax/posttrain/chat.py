@@ -17,12 +17,14 @@ conversation before it (with the generation prompt) and the rendering through it
 
 from __future__ import annotations
 
+from doge_jax.errors import ConfigError
+
 import os
 from collections.abc import Sequence
 
 import numpy as np
 
-from doge_jax.tokenizer import CHAT_TEMPLATE as DEFAULT_TEMPLATE
+from doge_jax.data.tokenizer import CHAT_TEMPLATE as DEFAULT_TEMPLATE
 
 IM_END = "<|im_end|>"
 THINKING_TEMPLATE = (
@@ -51,7 +53,7 @@ def set_chat_template(tokenizer, spec: str = "auto"):
             tokenizer.chat_template = DEFAULT_TEMPLATE
     elif spec == "tokenizer":
         if not has_own:
-            raise ValueError("posttrain.chat_template='tokenizer' but the tokenizer has no chat template; "
+            raise ConfigError("config.posttrain.chat_template='tokenizer' but the tokenizer has no chat template; "
                              "use 'auto', 'default', 'thinking' or a .jinja file")
     elif spec in TEMPLATES:
         tokenizer.chat_template = TEMPLATES[spec]
@@ -59,7 +61,7 @@ def set_chat_template(tokenizer, spec: str = "auto"):
         with open(spec, encoding="utf-8") as f:
             tokenizer.chat_template = f.read()
     else:
-        raise ValueError(f"posttrain.chat_template={spec!r} must be 'auto', 'tokenizer', 'default', 'thinking' or "
+        raise ConfigError(f"config.posttrain.chat_template={spec!r} must be 'auto', 'tokenizer', 'default', 'thinking' or "
                          "a file")
     if IM_END in tokenizer.get_vocab():
         tokenizer.eos_token = IM_END

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from doge_jax.loss import IGNORE_INDEX
+from doge_jax.model.loss import IGNORE_INDEX
 from doge_jax.posttrain import chat, records
 from doge_jax.posttrain.sft import example_arrays
 

@@ -13,6 +13,8 @@ them (seeded), so the state is just (epoch, position).
 
 from __future__ import annotations
 
+from doge_jax.errors import ConfigError
+
 import glob
 import json
 import os
@@ -25,14 +27,14 @@ from doge_jax.posttrain import datasets
 
 def load_records(spec: str, *, hf_split: str = "train", field: str = "posttrain.dataset") -> list[dict]:
     if not spec:
-        raise ValueError(f"{field} is empty: name 'builtin:NAME', a .jsonl/.parquet file or a saved HF dataset dir")
+        raise ConfigError(f"config.{field} is empty: name 'builtin:NAME', a .jsonl/.parquet file or a saved HF dataset dir")
     records: list[dict] = []
     for part in [p.strip() for p in spec.split(",") if p.strip()]:
         if part.startswith("builtin:"):
             try:
                 records += datasets.builtin(part[len("builtin:"):])
             except ValueError as e:
-                raise ValueError(f"{field}={spec!r}: {e}") from None
+                raise ConfigError(f"config.{field}={spec!r}: {e}") from None
             continue
         path = os.path.expanduser(part)
         if os.path.isdir(path):
@@ -40,12 +42,12 @@ def load_records(spec: str, *, hf_split: str = "train", field: str = "posttrain.
             continue
         paths = sorted(glob.glob(path))
         if not paths:
-            raise ValueError(f"{field}={part!r} matched no files (builtin names: "
+            raise ConfigError(f"config.{field}={part!r} matched no files (builtin names: "
                              f"{['builtin:' + n for n in sorted(datasets.BUILTIN)]})")
         for p in paths:
             records += _file(p, field)
     if not records:
-        raise ValueError(f"{field}={spec!r} holds no records")
+        raise ConfigError(f"config.{field}={spec!r} holds no records")
     return records
 
 
@@ -58,13 +60,13 @@ def _file(path: str, field: str) -> list[dict]:
                     try:
                         out.append(json.loads(line))
                     except json.JSONDecodeError as e:
-                        raise ValueError(f"{field}: {path}:{n} is not valid JSON ({e})") from None
+                        raise ConfigError(f"config.{field}: {path}:{n} is not valid JSON ({e})") from None
         return out
     if path.endswith(".parquet"):
         import pyarrow.parquet as pq
 
         return pq.read_table(path).to_pylist()
-    raise ValueError(f"{field}: {path} must end in .jsonl, .json or .parquet (or be a saved HF dataset dir)")
+    raise ConfigError(f"config.{field}: {path} must end in .jsonl, .json or .parquet (or be a saved HF dataset dir)")
 
 
 def _hf_disk(path: str, split: str, field: str) -> list[dict]:
@@ -73,10 +75,10 @@ def _hf_disk(path: str, split: str, field: str) -> list[dict]:
     try:
         ds = hf_datasets.load_from_disk(path)
     except FileNotFoundError as e:
-        raise ValueError(f"{field}={path!r} is not a dataset saved with save_to_disk ({e})") from None
+        raise ConfigError(f"config.{field}={path!r} is not a dataset saved with save_to_disk ({e})") from None
     if isinstance(ds, hf_datasets.DatasetDict):
         if split not in ds:
-            raise ValueError(f"posttrain.hf_split={split!r} is not a split of {path} (has {list(ds)})")
+            raise ConfigError(f"config.posttrain.hf_split={split!r} is not a split of {path} (has {list(ds)})")
         ds = ds[split]
     return ds.to_list()
 

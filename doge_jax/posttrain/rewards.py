@@ -10,6 +10,8 @@ The total reward is the weighted sum (`grpo.reward_weights`); each component is 
 
 from __future__ import annotations
 
+from doge_jax.errors import ConfigError
+
 import re
 from collections.abc import Callable, Sequence
 
@@ -45,7 +47,7 @@ REWARDS: dict[str, Callable[[str, dict], float]] = {
 def check_names(names: Sequence[str]) -> None:
     unknown = [n for n in names if n not in REWARDS]
     if unknown or not names:
-        raise ValueError(f"grpo.rewards={list(names)} must be a non-empty list from {sorted(REWARDS)}")
+        raise ConfigError(f"config.grpo.rewards={list(names)} must be a non-empty list from {sorted(REWARDS)}")
 
 
 def score(texts: Sequence[str], examples: Sequence[dict], names: Sequence[str]) -> np.ndarray:

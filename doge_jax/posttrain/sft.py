@@ -18,7 +18,7 @@ from __future__ import annotations
 import jax
 import numpy as np
 
-from doge_jax.loss import IGNORE_INDEX
+from doge_jax.model.loss import IGNORE_INDEX
 from doge_jax.posttrain import chat, records
 
 

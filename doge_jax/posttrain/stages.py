@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import ml_collections
 
+from doge_jax.errors import ConfigError
+
 STAGES = ("pretrain", "sft", "dpo", "grpo")
 
 
@@ -72,16 +74,15 @@ def add_stage(config: ml_collections.ConfigDict, stage: str) -> ml_collections.C
     return config
 
 
-def _error(msg: str):
-    from doge_jax.trainer.validate import ConfigError
-
-    return ConfigError(msg)
+def _error(e: ValueError | str) -> ConfigError:
+    """A stage setup error as a ConfigError (exit 2). Bad config values already are one, with their field."""
+    return e if isinstance(e, ConfigError) else ConfigError(str(e))
 
 
 def load_stage_tokenizer(config):
     from doge_jax import checkpoint as ckpt
     from doge_jax.posttrain.chat import set_chat_template
-    from doge_jax.tokenizer import load_tokenizer
+    from doge_jax.data.tokenizer import load_tokenizer
 
     spec = config.posttrain.tokenizer
     if not spec and config.init_from:
@@ -93,7 +94,7 @@ def load_stage_tokenizer(config):
         tokenizer = load_tokenizer(spec or config.data.tokenizer)
         return set_chat_template(tokenizer, config.posttrain.chat_template)
     except ValueError as e:
-        raise _error(f"config.{e}" if str(e).startswith(("posttrain.", "data.")) else str(e)) from None
+        raise _error(e) from None
 
 
 def _reference(config):
@@ -140,10 +141,7 @@ def check(config) -> None:
         from doge_jax.posttrain import rewards
 
         names = [n.strip() for n in g.rewards.split(",") if n.strip()]
-        try:
-            rewards.check_names(names)
-        except ValueError as e:
-            raise _error(f"config.{e}") from None
+        rewards.check_names(names)
         if len([w for w in g.reward_weights.split(",") if w.strip()]) != len(names):
             raise _error(f"config.grpo.reward_weights={g.reward_weights!r} needs one weight per reward "
                          f"({len(names)}: {names})")
@@ -175,6 +173,4 @@ def trainer_kwargs(config) -> dict:
         loss_fn, source = grpo.make_stage(config, tokenizer, ref_model)
         return {"loss_fn": loss_fn, "batch_source": source, "tokenizer": tokenizer}
     except ValueError as e:
-        if type(e).__name__ == "ConfigError":
-            raise
-        raise _error(f"config.{e}" if str(e).startswith("posttrain.") else str(e)) from None
+        raise _error(e) from None

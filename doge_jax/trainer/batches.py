@@ -18,7 +18,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding
 
-from doge_jax import sharding as sh
+from doge_jax.parallel import sharding as sh
 
 BatchSource = Callable[..., Iterator[dict]]
 

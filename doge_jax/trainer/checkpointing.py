@@ -23,7 +23,7 @@ import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
 from doge_jax import checkpoint as ckpt
-from doge_jax.config import DogeConfig
+from doge_jax.model.config import DogeConfig
 
 TRAIN_ITEMS = ("params", "opt_state", "train_state")
 

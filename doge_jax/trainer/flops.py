@@ -21,7 +21,7 @@ import time
 import jax
 import jax.numpy as jnp
 
-from doge_jax.config import DogeConfig
+from doge_jax.model.config import DogeConfig
 
 # Dense bf16 peak FLOP/s per chip (vendor figures; fp32 on GPUs is far lower, see `peak_flops`).
 PEAK_BF16 = {

@@ -11,6 +11,7 @@ checkpoint); else `config.init_from` (params only, fresh optimizer at step 0: fi
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import math
@@ -30,8 +31,8 @@ from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from doge_jax import checkpoint as ckpt
-from doge_jax import model as model_lib
-from doge_jax import sharding as sh
+from doge_jax.model import decoder as model_lib
+from doge_jax.parallel import sharding as sh
 from doge_jax.trainer import checkpointing, flops, metrics, optim, step as step_lib, validate
 from doge_jax.trainer.batches import BatchSource, ShardedBatches, microbatch_sharding
 from doge_jax.trainer.mesh import data_parallel_size, make_mesh
@@ -44,9 +45,9 @@ class TrainingDiverged(RuntimeError):
     """A non-finite loss or gradient norm; the message names the last good checkpoint."""
 
 
-def _data_error(e: Exception) -> ConfigError:
-    msg = str(e)
-    return ConfigError(f"config.{msg}" if msg.startswith("data.") else msg)
+def _data_error(e: ValueError) -> ConfigError:
+    """A data pipeline error as a ConfigError (exit 2). Bad config values already are one, with their field."""
+    return e if isinstance(e, ConfigError) else ConfigError(str(e))
 
 
 def pretrain_source(config, tokenizer) -> BatchSource:
@@ -264,21 +265,64 @@ class Trainer:
         cfg = self.config
         self._setup()
         self._save_tokenizer()
-        # The data first: a bad data config fails before anything compiles.
+        batches = self._train_batches()
+        state = self._start_state()
+        self._compile_steps()
+        run = _RunState(start=int(state["step"]), last_saved=None)
+        run.last_saved = run.start if self.start_kind == "resume" else None
+        self._open_log(run)
+        if run.start >= cfg.total_steps:
+            self.log.info(f"nothing to do: step {run.start} >= config.total_steps={cfg.total_steps}")
+            self.log.close()
+            self.checkpointer.close()
+            return {}
+
+        on_main_thread = threading.current_thread() is threading.main_thread()
+        if on_main_thread:
+            previous_handler = signal.signal(signal.SIGTERM, self._request_stop)
+        step = run.start
+        try:
+            while step < cfg.total_steps:
+                try:
+                    state, step = self._step(state, step, batches, run)
+                except StopIteration:
+                    self.log.info(f"the training data ran out after step {step}")
+                    break
+                run.stopped = self._should_stop(step)
+                self._eval_and_checkpoint(state, step, batches, run)
+                if run.stopped:
+                    break
+            if run.pending is not None:
+                self._log(self._record(*run.pending, run), run, force=True)
+            if run.last_saved != step:
+                self._checkpoint(state, step, batches, run)
+            self.checkpointer.close()
+        finally:
+            self.log.close()
+            if on_main_thread:
+                signal.signal(signal.SIGTERM, previous_handler)
+        self._finish(step, run.stopped)
+        return run.last_record
+
+    # ------------------------------------------------------------------------------------------ the run's steps
+    def _train_batches(self) -> ShardedBatches:
+        """The data first: a bad data config fails before anything compiles."""
         batches = ShardedBatches(self._batch_source, mesh=self.mesh, split="train", num_micro=self.num_micro,
                                  rows=self.micro_rows, num_shards=self.data_shards)
         if self.saved_meta is not None:
             batches.set_state(self.saved_meta["data"])
-        if cfg.eval_every > 0:  # an eval split without documents fails now, not at the first eval
+        if self.config.eval_every > 0:  # an eval split without documents fails now, not at the first eval
             self._eval_batches()
-        if self.start_kind == "resume":
-            state = self._restore(self.start_ref)
-        elif self.start_kind == "init":
-            state = self._from_params(self.start_ref)
-        else:
-            state = self._init_state()
-        start = int(state["step"])
+        return batches
 
+    def _start_state(self) -> dict:
+        if self.start_kind == "resume":
+            return self._restore(self.start_ref)
+        if self.start_kind == "init":
+            return self._from_params(self.start_ref)
+        return self._init_state()
+
+    def _compile_steps(self) -> None:
         train_step = step_lib.make_train_step(self.graphdef, _concrete(self.rest_abstract), self.tx, self.schedule,
                                               self.loss_fn)
         self.train_step = _traced_under_mesh(
@@ -290,110 +334,94 @@ class Trainer:
                     in_shardings=(self.param_sharding, self.batch_sharding), out_shardings=self.replicated),
             self.mesh)
 
-        is_main = jax.process_index() == 0
-        log = metrics.RunLog(self.workdir, start_step=start, total_steps=cfg.total_steps, enabled=is_main,
-                             progress_bar=cfg.progress_bar, tensorboard=cfg.tensorboard)
-        tokens_per_step = cfg.batch_size * cfg.seq_len
-        flops_per_token = flops.flops_per_token(self.model_cfg, cfg.seq_len)
+    def _open_log(self, run: "_RunState") -> None:
+        cfg = self.config
+        self.is_main = jax.process_index() == 0
+        self.log = metrics.RunLog(self.workdir, start_step=run.start, total_steps=cfg.total_steps,
+                                  enabled=self.is_main, progress_bar=cfg.progress_bar, tensorboard=cfg.tensorboard)
+        self.tokens_per_step = cfg.batch_size * cfg.seq_len
+        self.flops_per_token = flops.flops_per_token(self.model_cfg, cfg.seq_len)
         peak = flops.peak_flops(self.mesh.devices.flat[0], self.model_cfg.dtype, cfg.peak_tflops)
-        peak_total = peak * self.mesh.devices.size if peak else None
-        log.info(self._banner(start, tokens_per_step, flops_per_token))
-        if start >= cfg.total_steps:
-            log.info(f"nothing to do: step {start} >= config.total_steps={cfg.total_steps}")
-            log.close()
-            self.checkpointer.close()
-            return {}
+        self.peak_total = peak * self.mesh.devices.size if peak else None
+        self.log.info(self._banner(run.start, self.tokens_per_step, self.flops_per_token))
+        run.clock_time = time.perf_counter()
 
-        if threading.current_thread() is threading.main_thread():
-            previous_handler = signal.signal(signal.SIGTERM, self._request_stop)
-        clock = {"time": time.perf_counter(), "step": start, "paused": 0.0}
-        last_record: dict = {}
-        last_saved = start if self.start_kind == "resume" else None
+    def _step(self, state: dict, step: int, batches: ShardedBatches, run: "_RunState") -> tuple[dict, int]:
+        """One optimizer step (profiling around it when asked); the previous step's metrics are logged while this
+        one runs, so the host never waits on the device just to log."""
+        profile = self.config.profile
+        if profile.start_step >= 0 and step == profile.start_step and self.is_main:
+            jax.profiler.start_trace(os.path.join(self.workdir, "profile"))
+        batch = next(batches)
+        state, step_metrics = self.train_step(state, batch)
+        step += 1
+        if run.pending is not None:
+            self._log(self._record(*run.pending, run), run)
+        run.pending = (step, step_metrics)
+        if profile.start_step >= 0 and step == profile.start_step + profile.num_steps and self.is_main:
+            jax.block_until_ready(state)
+            jax.profiler.stop_trace()
+            self.log.info(f"profile of steps {profile.start_step}..{step} in {self.workdir}/profile")
+        return state, step
 
-        def process(step: int, step_metrics) -> dict:
-            """Device metrics of `step` → host record; stops on a non-finite loss."""
-            values = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
-            if not (math.isfinite(values["loss"]) and math.isfinite(values["grad_norm"])):
-                self.checkpointer.wait()
-                good = (f"{self.checkpointer.root}/{last_saved}" if last_saved is not None
-                        else "none (no checkpoint was written yet)")
-                raise TrainingDiverged(
-                    f"loss={values['loss']} grad_norm={values['grad_norm']} at step {step}: training stopped. "
-                    f"Last good checkpoint: {good}. Lower config.optimizer.lr or raise "
-                    "config.schedule.warmup_steps, then rerun (it resumes from that checkpoint).")
-            now = time.perf_counter()
-            elapsed = max(now - clock["time"] - clock["paused"], 1e-9)
-            tokens_per_sec = (step - clock["step"]) * tokens_per_step / elapsed
-            values.pop(step_lib.WEIGHT, None)
-            record = {"step": step, **values, "tokens_per_sec": tokens_per_sec,
-                      "mfu": tokens_per_sec * flops_per_token / peak_total if peak_total else None,
-                      "tokens": step * tokens_per_step}
-            log.advance(step, values["loss"])
-            return record
+    def _record(self, step: int, step_metrics, run: "_RunState") -> dict:
+        """Device metrics of `step` → host record; stops on a non-finite loss."""
+        values = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
+        if not (math.isfinite(values["loss"]) and math.isfinite(values["grad_norm"])):
+            self.checkpointer.wait()
+            good = (f"{self.checkpointer.root}/{run.last_saved}" if run.last_saved is not None
+                    else "none (no checkpoint was written yet)")
+            raise TrainingDiverged(
+                f"loss={values['loss']} grad_norm={values['grad_norm']} at step {step}: training stopped. "
+                f"Last good checkpoint: {good}. Lower config.optimizer.lr or raise "
+                "config.schedule.warmup_steps, then rerun (it resumes from that checkpoint).")
+        elapsed = max(time.perf_counter() - run.clock_time - run.paused, 1e-9)
+        tokens_per_sec = (step - run.clock_step) * self.tokens_per_step / elapsed
+        values.pop(step_lib.WEIGHT, None)
+        record = {"step": step, **values, "tokens_per_sec": tokens_per_sec,
+                  "mfu": tokens_per_sec * self.flops_per_token / self.peak_total if self.peak_total else None,
+                  "tokens": step * self.tokens_per_step}
+        self.log.advance(step, values["loss"])
+        return record
 
-        def emit(record: dict, force: bool = False):
-            nonlocal last_record
-            step = record["step"]
-            if force or step % cfg.log_every == 0 or step == start + 1 or step == cfg.total_steps:
-                log.write(record)
-                clock.update(time=time.perf_counter(), step=step, paused=0.0)
-            last_record = record
+    def _log(self, record: dict, run: "_RunState", force: bool = False) -> None:
+        cfg = self.config
+        step = record["step"]
+        if force or step % cfg.log_every == 0 or step == run.start + 1 or step == cfg.total_steps:
+            self.log.write(record)
+            run.clock_time, run.clock_step, run.paused = time.perf_counter(), step, 0.0
+        run.last_record = record
 
-        pending = None
-        step = start
-        stopped = False
-        try:
-            while step < cfg.total_steps:
-                if cfg.profile.start_step >= 0 and step == cfg.profile.start_step and is_main:
-                    jax.profiler.start_trace(os.path.join(self.workdir, "profile"))
-                try:
-                    batch = next(batches)
-                except StopIteration:
-                    log.info(f"the training data ran out after step {step}")
-                    break
-                state, step_metrics = self.train_step(state, batch)
-                step += 1
-                if pending is not None:
-                    emit(process(*pending))
-                pending = (step, step_metrics)
-                if cfg.profile.start_step >= 0 and step == cfg.profile.start_step + cfg.profile.num_steps and is_main:
-                    jax.block_until_ready(state)
-                    jax.profiler.stop_trace()
-                    log.info(f"profile of steps {cfg.profile.start_step}..{step} in {self.workdir}/profile")
+    def _eval_and_checkpoint(self, state: dict, step: int, batches: ShardedBatches, run: "_RunState") -> None:
+        """Eval every config.eval_every steps, checkpoints every checkpoint.every_steps, at the end and on stop;
+        the time they take does not count against tokens/s."""
+        cfg = self.config
+        every = cfg.checkpoint.every_steps
+        save_now = run.stopped or step == cfg.total_steps or (every > 0 and step % every == 0)
+        eval_now = cfg.eval_every > 0 and (step % cfg.eval_every == 0 or step == cfg.total_steps)
+        if not (save_now or eval_now):
+            return
+        record = self._record(*run.pending, run)
+        run.pending = None
+        t0 = time.perf_counter()
+        if eval_now:
+            record.update(self._evaluate(state["params"]))
+        if save_now:
+            self._checkpoint(state, step, batches, run)
+        run.paused += time.perf_counter() - t0
+        self._log(record, run, force=eval_now)
 
-                stopped = self._should_stop(step)
-                every = cfg.checkpoint.every_steps
-                save_now = stopped or step == cfg.total_steps or (every > 0 and step % every == 0)
-                eval_now = cfg.eval_every > 0 and (step % cfg.eval_every == 0 or step == cfg.total_steps)
-                if save_now or eval_now:
-                    record = process(*pending)
-                    pending = None
-                    t0 = time.perf_counter()
-                    if eval_now:
-                        record.update(self._evaluate(state["params"]))
-                    if save_now:
-                        self.checkpointer.save(step, state, self.model_cfg, self._train_meta(state, batches))
-                        last_saved = step
-                    clock["paused"] += time.perf_counter() - t0
-                    emit(record, force=eval_now)
-                if stopped:
-                    break
-            if pending is not None:
-                emit(process(*pending), force=True)
-            if last_saved != step:
-                self.checkpointer.save(step, state, self.model_cfg, self._train_meta(state, batches))
-            self.checkpointer.close()
-        finally:
-            log.close()
-            if threading.current_thread() is threading.main_thread():
-                signal.signal(signal.SIGTERM, previous_handler)
-        if is_main:
+    def _checkpoint(self, state: dict, step: int, batches: ShardedBatches, run: "_RunState") -> None:
+        self.checkpointer.save(step, state, self.model_cfg, self._train_meta(state, batches))
+        run.last_saved = step
+
+    def _finish(self, step: int, stopped: bool) -> None:
+        if self.is_main:
             png = metrics.plot_loss(self.workdir)
             where = f"{self.checkpointer.root}/{step}"
             print(f"{'stopped (signal)' if stopped else 'done'} at step {step}: checkpoint {where}"
                   + (f", loss curve {png}" if png else ""), flush=True)
         self.stopped = stopped
-        return last_record
 
     def _banner(self, start: int, tokens_per_step: int, flops_per_token: float) -> str:
         cfg, m = self.config, self.model_cfg
@@ -411,9 +439,27 @@ class Trainer:
                 f"{self.workdir}")
 
 
+@dataclasses.dataclass
+class _RunState:
+    """What the loop's steps share: where the run started, the clock for tokens/s (time, step, time spent in
+    eval and checkpoints since), the last step's metrics not yet read back, the last record and saved step."""
+
+    start: int
+    last_saved: int | None
+    clock_time: float = 0.0
+    clock_step: int = 0
+    paused: float = 0.0
+    pending: tuple | None = None
+    last_record: dict = dataclasses.field(default_factory=dict)
+    stopped: bool = False
+
+    def __post_init__(self):
+        self.clock_step = self.start
+
+
 def _traced_under_mesh(fn, mesh):
-    """Calls (and so traces) `fn` under `jax.set_mesh(mesh)`: CDMoE then routes per token shard and runs its
-    experts with the expert-parallel shard_map (doge_jax.moe_parallel) instead of gathering the tables."""
+    """Calls (and so traces) `fn` under `jax.set_mesh(mesh)`: CDMoE (moe_impl="auto") then routes per token shard and runs its
+    experts with the expert-parallel shard_map (doge_jax.parallel.experts) instead of gathering the tables."""
 
     def call(*args):
         with jax.set_mesh(mesh):

@@ -17,7 +17,7 @@ import numpy as np
 from jax.experimental import mesh_utils
 from jax.sharding import Mesh
 
-from doge_jax import sharding as sh
+from doge_jax.parallel import sharding as sh
 from doge_jax.trainer.validate import ConfigError
 
 DISTRIBUTED_MODES = ("auto", "always", "never")

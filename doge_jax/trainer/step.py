@@ -22,8 +22,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from doge_jax import moe
-from doge_jax.loss import token_cross_entropy
+from doge_jax.model.loss import token_cross_entropy
 
 LossFn = Callable[[nnx.Module, dict, jax.Array], tuple[jax.Array, dict]]
 WEIGHT = "weight"
@@ -44,15 +43,13 @@ def pretrain_loss(model, batch: dict, rng: jax.Array, *, z_loss_coef: float = 0.
     if z_loss_coef > 0:
         metrics["z_loss"] = lse_sq_sum / n
         loss = loss + z_loss_coef * metrics["z_loss"]
-    if out.aux_loss is not None:
-        metrics["aux_loss"] = out.aux_loss
-        loss = loss + cfg.router_aux_loss_coef * out.aux_loss
+    if out.moe is not None:  # aux loss, z-loss and statistics over the real tokens (segment_ids > 0)
+        metrics["aux_loss"] = out.moe.aux_loss
+        loss = loss + cfg.router_aux_loss_coef * out.moe.aux_loss
         if cfg.router_z_loss_coef > 0:
-            metrics["router_z_loss"] = moe.router_z_loss(list(out.router_scores), batch["segment_ids"] > 0)
-            loss = loss + cfg.router_z_loss_coef * metrics["router_z_loss"]
-        stats = moe.routing_stats(list(out.router_scores), cfg.num_experts, cfg.num_experts_per_tok,
-                                  (batch["segment_ids"] > 0).reshape(-1))
-        metrics.update({f"moe/{k}": v for k, v in stats.items()})
+            metrics["router_z_loss"] = out.moe.z_loss
+            loss = loss + cfg.router_z_loss_coef * out.moe.z_loss
+        metrics.update({f"moe/{k}": v for k, v in out.moe.stats.items()})
     return loss, metrics
 
 

@@ -7,17 +7,19 @@ from __future__ import annotations
 
 import dataclasses
 
-from doge_jax.config import DogeConfig
+from doge_jax.errors import ConfigError
+from doge_jax.model import config as config_lib
+from doge_jax.model.config import DogeConfig
 from doge_jax.trainer import optim
 
-# Fields that change how the model is computed but not its parameters: a run that starts from a checkpoint
-# (config.init_from) takes the architecture from the checkpoint and these from config.model.
-RUNTIME_FIELDS = ("hidden_dropout", "attention_dropout", "router_aux_loss_coef", "router_z_loss_coef",
-                  "attention_impl", "dtype", "remat_policy")
+# Fields that change how the model is computed but not its parameters (DogeConfig's `runtime` metadata): a run
+# that starts from a checkpoint (config.init_from) takes the architecture from the checkpoint, these from
+# config.model.
+RUNTIME_FIELDS = tuple(f.name for f in config_lib.fields(runtime=True))
 
 
-class ConfigError(ValueError):
-    """A bad config value; the message names the field."""
+__all__ = ["ConfigError", "RUNTIME_FIELDS", "architecture_diff", "check", "check_parallelism", "model_config",
+           "with_runtime_fields"]
 
 
 def model_config(model_cfg) -> DogeConfig:
@@ -25,8 +27,10 @@ def model_config(model_cfg) -> DogeConfig:
     d = model_cfg.to_dict() if hasattr(model_cfg, "to_dict") else dict(model_cfg)
     try:
         return DogeConfig.from_dict(d)
-    except (ValueError, TypeError) as e:
-        raise ConfigError(f"config.model.{e}") from None
+    except config_lib.ConfigFieldError as e:  # its message starts with "field=value"
+        raise ConfigError(f"config.model.{e}", field=f"model.{e.field}") from None
+    except TypeError as e:
+        raise ConfigError(f"config.model: {e}") from None
 
 
 def with_runtime_fields(arch: DogeConfig, model_cfg) -> DogeConfig:

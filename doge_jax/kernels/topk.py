@@ -1,6 +1,6 @@
 """DMA's top-k without a [T, S] mask: per-row thresholds, and the key order that lets the kernel skip dropped keys.
 
-The rule (doge_jax.dma.masked_bias): row t keeps an allowed key s iff dt[s] ≥ thr[t], where thr[t] is the
+The rule (doge_jax.model.mask.masked_bias): row t keeps an allowed key s iff dt[s] ≥ thr[t], where thr[t] is the
 keep_window_size-th (w-th) largest dt over the row's allowed keys, or −inf when the row has fewer than w of them.
 Every key tied with thr[t] is kept, exactly as the reference; torch.topk would keep an arbitrary w of them instead
 (the two differ only when dt has ties at the threshold: at initialisation A = 0 makes every dt equal, and then the
@@ -26,7 +26,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from doge_jax.dma import attention_mask
+from doge_jax.model.mask import MaskSpec
 
 NEG_INF = float("-inf")
 
@@ -73,33 +73,25 @@ def prefix_thresholds(dtm: jax.Array, w: int, *, block: int = 128, batch: int = 
     return out[:, :s].reshape(*lead, s)
 
 
-def general_thresholds(
-    dt: jax.Array,
-    q_len: int,
-    w: int,
-    *,
-    q_offset: int,
-    kv_mask: jax.Array | None,
-    q_segment_ids: jax.Array | None,
-    kv_segment_ids: jax.Array | None,
-    sliding_window: int | None,
-    chunk: int = 128,
-) -> jax.Array:
-    """Any mask of `attention_mask`: dt [B, G, S] → thr [B, G, T], −inf for rows with fewer than w allowed keys.
+def general_thresholds(dt: jax.Array, q_len: int, mask: MaskSpec, *, chunk: int = 128) -> jax.Array:
+    """Any mask: dt [B, G, S] → thr [B, G, T], −inf for rows with fewer than keep_window_size allowed keys.
 
     The reference's top_k, one chunk of query rows at a time: exact, O(T·S·log w) work, [B, G, chunk, S] memory.
+    `mask.q_offset` must be static (an int).
     """
     b, g, s = dt.shape
+    w = mask.keep_window_size
     chunk = min(chunk, q_len)
     n_chunks = -(-q_len // chunk)
     qseg = None
-    if q_segment_ids is not None:
-        qseg = jnp.pad(q_segment_ids, ((0, 0), (0, n_chunks * chunk - q_len)))
+    if mask.q_segment_ids is not None:
+        qseg = jnp.pad(mask.q_segment_ids, ((0, 0), (0, n_chunks * chunk - q_len)))
 
     def one(c):
         seg_c = None if qseg is None else jax.lax.dynamic_slice_in_dim(qseg, c * chunk, chunk, axis=1)
-        allowed = attention_mask(b, chunk, s, q_offset=q_offset + c * chunk, kv_mask=kv_mask, q_segment_ids=seg_c,
-                                 kv_segment_ids=kv_segment_ids, sliding_window=sliding_window)  # [B, chunk, S]
+        rows = mask.replace(q_offset=mask.static_offset + c * chunk, q_segment_ids=seg_c,
+                            kv_segment_ids=mask.kv_segment_ids if seg_c is not None else None)
+        allowed = rows.allowed(b, chunk, s)  # [B, chunk, S]
         m = jnp.where(allowed[:, None], dt[:, :, None, :], NEG_INF)  # [B, G, chunk, S]
         return jax.lax.top_k(m, w)[0][..., -1]  # [B, G, chunk]
 
@@ -140,17 +132,3 @@ def sparse_plan(
     # ntab[i, c] = #{s ∈ c : exit[s] > i}
     ntab = jnp.flip(jnp.cumsum(jnp.flip(hist, -1), axis=-1), -1)[..., 1:]  # [B, K, n_chunks, n_q_tiles]
     return perm, jnp.swapaxes(ntab, -1, -2), tile_exit
-
-
-def walked_keys(ntab: jax.Array, *, n_keys: int, q_offset: int, block_q: int, block_k: int, chunk: int) -> jax.Array:
-    """Keys the sparse walk reads per query tile: ntab [..., n_q_tiles, n_chunks] → [..., n_q_tiles] (FLOP count)."""
-    n_q_tiles, n_chunks = ntab.shape[-2:]
-    p_first = q_offset + jnp.arange(n_q_tiles) * block_q
-    c_first = jnp.minimum(p_first // chunk, n_chunks)
-    c_last = jnp.minimum((p_first + block_q - 1) // chunk, n_chunks - 1)
-    c = jnp.arange(n_chunks)
-    size = jnp.minimum(chunk, n_keys - c * chunk)
-    head = -(-ntab // block_k) * block_k
-    before = c[None, :] < c_first[:, None]
-    overlap = (c[None, :] >= c_first[:, None]) & (c[None, :] <= c_last[:, None])
-    return jnp.sum(jnp.where(before, head, 0) + jnp.where(overlap, size, 0), axis=-1)

@@ -2,7 +2,7 @@
 
 Tests and benchmarks build their model with `make_tiny_model_dir` instead of downloading one: the weights are
 random, so the text is gibberish, but every code path (chat template, special tokens, KV cache, sampling) is
-the one a real exported Doge takes. Only transformers and tokenizers are used, so serve/ tests stay jax-free.
+the one a real exported Doge takes. Only transformers and tokenizers are used, so the serve tests stay jax-free.
 """
 
 from __future__ import annotations
@@ -12,13 +12,10 @@ import os
 import tempfile
 from pathlib import Path
 
-# The project's default Doge chat template: ChatML turns, an assistant header when asked for a reply.
-DOGE_CHAT_TEMPLATE = (
-    "{% for message in messages %}"
-    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
+# The project's default Doge chat template (ChatML turns, an assistant header when asked for a reply): the one
+# file the shipped tokenizer and the exporter use, read as a file so these tests need no jax.
+DOGE_CHAT_TEMPLATE = (Path(__file__).resolve().parents[1] / "doge_jax" / "assets" / "tokenizer"
+                      / "chat_template.jinja").read_text(encoding="utf-8")
 
 BOS, EOS, PAD = "<|begin_of_text|>", "<|end_of_text|>", "<|pad|>"
 SPECIAL_TOKENS = [BOS, EOS, PAD, "<|im_start|>", "<|im_end|>"]

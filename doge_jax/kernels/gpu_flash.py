@@ -1,6 +1,6 @@
 """The fused DMA kernels: forward, dQ and dK/dV/d-bias, wired through custom_vjp.
 
-Layout (prepared by doge_jax.kernels._dma): the R query heads of a kv head are folded into rows, so one program
+Layout (prepared by doge_jax.kernels.gpu_dma): the R query heads of a kv head are folded into rows, so one program
 reads each K/V tile once for the whole group (GQA without repeating K/V) and the dK/dV/d-bias of a kv head are
 complete sums with no atomics.
 
@@ -68,7 +68,7 @@ class KernelConfig:
 def _compiler_params(cfg: KernelConfig, head_dim: int):
     if cfg.interpret:
         return None
-    from jax.experimental.pallas import triton as pltriton  # GPU only: Mosaic TPU is not supported (see __init__)
+    from jax.experimental.pallas import triton as pltriton  # GPU only
 
     warps = cfg.num_warps or (4 if head_dim <= 64 else 8)
     return pltriton.CompilerParams(num_warps=warps, num_stages=cfg.num_stages)

@@ -35,26 +35,16 @@ of the mask, no sort), exact while no shard overflows, with the dropped fraction
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
-from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from doge_jax import moe
-from doge_jax import sharding as sh
+from doge_jax.model import moe_reference as moe
+from doge_jax.parallel import sharding as sh
 
 EXPERT_AXIS = "expert"
-
-try:  # jax ≥ 0.7: jax.shard_map(check_vma=...)
-    _shard_map = jax.shard_map
-    _CHECK_ARG = "check_vma"
-except AttributeError:  # older jax: jax.experimental.shard_map.shard_map(check_rep=...)
-    from jax.experimental.shard_map import shard_map as _shard_map
-
-    _CHECK_ARG = "check_rep"
 
 
 def local_experts(h: jax.Array, indices: jax.Array, weights: jax.Array, down_local: jax.Array,
@@ -88,7 +78,7 @@ def _token_axes(mesh: Any, num_tokens: int) -> tuple[str, ...]:
 
 def expert_parallel_experts(h: jax.Array, indices: jax.Array, weights: jax.Array, down_embed: jax.Array,
                             up_embed: jax.Array, act: Callable, *, mesh: Any = None) -> jax.Array:
-    """`moe.experts_reference` with the tables sharded on `expert` (a drop-in `CDMoE.experts_fn`).
+    """`moe_reference.experts_reference` with the tables sharded on `expert` (same signature).
 
     h [M, D]; indices, weights [M, k]; down_embed, up_embed [E, D] → [M, D]. `mesh`: a Mesh / AbstractMesh, or
     None for the one set with `jax.set_mesh`. Works for any expert-axis size, 1 included.
@@ -115,7 +105,7 @@ def expert_parallel_experts(h: jax.Array, indices: jax.Array, weights: jax.Array
             return jax.lax.psum_scatter(partial, EXPERT_AXIS, scatter_dimension=0, tiled=True)  # [M/n, D]
         return jax.lax.psum(partial, EXPERT_AXIS)
 
-    fn = _shard_map(
+    fn = jax.shard_map(
         body,
         mesh=mesh,
         in_specs=(
@@ -126,7 +116,7 @@ def expert_parallel_experts(h: jax.Array, indices: jax.Array, weights: jax.Array
             table,  # up_embed [E, D]
         ),
         out_specs=tokens,  # [M, D], sharded like h
-        **{_CHECK_ARG: True},
+        check_vma=True,
     )
     return fn(h, indices, weights, down_embed, up_embed)
 
@@ -143,35 +133,11 @@ def sharded_select_experts(scores: jax.Array, num_keys: int, top_k: int, *, mesh
     if not token_axes:
         return moe.select_experts(scores, num_keys, top_k)
     tokens = P(token_axes, None)
-    fn = _shard_map(
+    fn = jax.shard_map(
         lambda s: moe.select_experts(s, num_keys, top_k),
         mesh=mesh,
         in_specs=(P(None, token_axes, None),),  # scores [2, M, nk]: tokens over the batch axes
         out_specs=(tokens, tokens),  # [M, k] each
-        **{_CHECK_ARG: True},
+        check_vma=True,
     )
     return fn(scores)
-
-
-@dataclasses.dataclass(frozen=True)
-class ExpertParallel:
-    """`expert_parallel_experts` bound to a mesh; hashable, so it can live in an NNX graphdef."""
-
-    mesh: Any = None
-
-    def __call__(self, h, indices, weights, down_embed, up_embed, act):
-        return expert_parallel_experts(h, indices, weights, down_embed, up_embed, act, mesh=self.mesh)
-
-
-def use_expert_parallel(model: Any, mesh: Any) -> int:
-    """Sets every CDMoE layer of `model` to expert-parallel experts on `mesh`; returns how many layers.
-
-    Call before `nnx.split` (the function is static graph data). Without it, CDMoE picks the expert-parallel
-    path by itself when traced under `jax.set_mesh(mesh)` with an expert axis > 1 (`moe.experts_auto`)."""
-    fn = ExpertParallel(mesh)
-    count = 0
-    for _, module in nnx.iter_modules(model):
-        if isinstance(module, moe.CDMoE):
-            module.experts_fn = fn
-            count += 1
-    return count

@@ -3,7 +3,7 @@
 Every tokenizer this project uses is a `transformers` tokenizer backed by a `tokenizer.json`, so the trainer,
 the converters and the serving box all load it the same way (`AutoTokenizer.from_pretrained(dir)`).
 
-Training (`python -m doge_jax.tokenizer train --corpus default --vocab-size 8192 --out DIR`) runs
+Training (`python -m doge_jax.cli.tokenizer train --corpus default --vocab-size 8192 --out DIR`) runs
 SentencePiece BPE in the Llama style (byte fallback, digits split, no normalisation, whitespace kept so code
 indentation survives), then converts it with transformers' own SentencePiece extractor into a
 `LlamaTokenizer` whose ids match the SentencePiece model exactly. The special tokens have fixed ids:
@@ -15,30 +15,30 @@ when `add_generation_prompt=True`) is saved with it.
 
 The shipped default tokenizer (`doge_jax/assets/tokenizer/`) was made on the default corpus with
 
-    python -m doge_jax.tokenizer train --corpus default --vocab-size 8192 --out doge_jax/assets/tokenizer
+    python -m doge_jax.cli.tokenizer train --corpus default --vocab-size 8192 --out doge_jax/assets/tokenizer
 """
 
 from __future__ import annotations
 
-import argparse
+from doge_jax.errors import ConfigError
+
 import glob
 import io
 import json
 import os
 import shutil
-import sys
 import tempfile
 from collections.abc import Iterable, Iterator, Sequence
 
 SPECIAL_TOKENS = {"unk": "<unk>", "bos": "<s>", "eos": "</s>", "pad": "<pad>"}
 CHAT_TOKENS = ("<|im_start|>", "<|im_end|>")
-CHAT_TEMPLATE = (
-    "{% for message in messages %}"
-    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
-DEFAULT_TOKENIZER_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "tokenizer")
+DEFAULT_TOKENIZER_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets",
+                                     "tokenizer")
+# The Doge chat template, one file: the shipped tokenizer, every tokenizer trained here, the exporter (which
+# copies the tokenizer folder) and the serve tests all use it.
+CHAT_TEMPLATE_FILE = os.path.join(DEFAULT_TOKENIZER_DIR, "chat_template.jinja")
+with open(CHAT_TEMPLATE_FILE, encoding="utf-8") as _f:
+    CHAT_TEMPLATE = _f.read()
 
 # SentencePiece refuses longer "sentences"; our sentences are lines, and the rare longer line is dropped.
 _MAX_SENTENCE_BYTES = 16384
@@ -53,19 +53,19 @@ def load_tokenizer(spec: str):
     from transformers import AutoTokenizer  # pylint: disable=g-import-not-at-top  (heavy; keep the CLI light)
 
     if not isinstance(spec, str) or not spec:
-        raise ValueError(f'data.tokenizer={spec!r} must be "default", a tokenizer directory or a hub id')
+        raise ConfigError(f'config.data.tokenizer={spec!r} must be "default", a tokenizer directory or a hub id')
     path = DEFAULT_TOKENIZER_DIR if spec == "default" else os.path.expanduser(spec)
     looks_local = spec == "default" or os.path.isabs(path) or spec.startswith(".") or os.path.exists(path)
     if looks_local:
         if not os.path.isfile(os.path.join(path, "tokenizer.json")) and not os.path.isfile(
             os.path.join(path, "tokenizer_config.json")
         ):
-            raise ValueError(f"data.tokenizer={spec!r}: {path} holds no tokenizer.json / tokenizer_config.json")
+            raise ConfigError(f"config.data.tokenizer={spec!r}: {path} holds no tokenizer.json / tokenizer_config.json")
         return AutoTokenizer.from_pretrained(path)
     try:
         return AutoTokenizer.from_pretrained(spec)
     except OSError as e:
-        raise ValueError(f"data.tokenizer={spec!r} is neither a local tokenizer dir nor a loadable hub id ({e})") from e
+        raise ConfigError(f"config.data.tokenizer={spec!r} is neither a local tokenizer dir nor a loadable hub id ({e})") from e
 
 
 def _lines(documents: Iterable[str]) -> Iterator[str]:
@@ -180,35 +180,9 @@ def train_tokenizer(corpus: Sequence[str], vocab_size: int, out_dir: str) -> Non
     from doge_jax.data._corpus import corpus_version  # pylint: disable=g-import-not-at-top
 
     made_by = {
-        "command": f"python -m doge_jax.tokenizer train --corpus {' '.join(corpus)} "
+        "command": f"python -m doge_jax.cli.tokenizer train --corpus {' '.join(corpus)} "
         f"--vocab-size {vocab_size} --out {out_dir}",
         "corpus": [corpus_version() if c == "default" else c for c in corpus],
         "vocab_size": vocab_size,
     }
     export_hf_tokenizer(model, out_dir, extra_config=made_by)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m doge_jax.tokenizer", description=__doc__.split("\n")[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-    train = sub.add_parser("train", help="train a SentencePiece BPE tokenizer and export a HF tokenizer dir")
-    train.add_argument(
-        "--corpus",
-        nargs="+",
-        default=["default"],
-        help="'default' (Python's own docs) and/or text/jsonl/parquet files or globs",
-    )
-    train.add_argument("--vocab-size", type=int, default=8192)
-    train.add_argument("--out", required=True, help="output directory (replaced if it exists)")
-    args = parser.parse_args(argv)
-    try:
-        train_tokenizer(args.corpus, args.vocab_size, args.out)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(f"wrote {args.out}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

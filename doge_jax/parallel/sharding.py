@@ -29,10 +29,12 @@ ROUTER_KEYS = "router_keys"  # 2·num_keys
 # Logical axes of activations.
 BATCH = "batch"
 LENGTH = "length"
+ACT_HEADS = "activation_heads"  # the N (or K) head axis of q/k/v/attention outputs
 
 RULES: tuple[tuple[str, Any], ...] = (
     (BATCH, ("data", "fsdp", "expert")),
     (LENGTH, None),
+    (ACT_HEADS, "tensor"),
     (VOCAB, "tensor"),
     (EMBED, "fsdp"),
     (MLP, "tensor"),

@@ -1,6 +1,6 @@
 """The Dynamic Mask Attention layer: projections, q/k norm, RoPE, the dt bias, and an optional KV cache.
 
-The attention arithmetic itself is `dma.dynamic_mask_attention` (reference or Pallas kernel).
+The attention arithmetic itself is chosen by `attention_impl.attention` (the reference or a Pallas kernel).
 """
 
 from __future__ import annotations
@@ -11,15 +11,17 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from doge_jax import dma, rope
-from doge_jax import sharding as sh
-from doge_jax.layers import Dense, RMSNorm
+from doge_jax.model import attention_impl, rope
+from doge_jax.model.layers import Dense, RMSNorm
+from doge_jax.model.mask import MaskSpec
+from doge_jax.parallel import sharding as sh
 
 
 class DogeAttention(nnx.Module):
 
-    def __init__(self, cfg, *, dtype, rngs: nnx.Rngs):
+    def __init__(self, cfg, *, dtype, rngs: nnx.Rngs, layer_index: int | None = None):
         self.cfg = cfg
+        self.layer_index = layer_index  # named in the log line that says which attention implementation runs
         D, N, K, H, G = (cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim,
                          cfg.num_dt_heads)
         dense = functools.partial(Dense, use_bias=cfg.attention_bias, init_std=cfg.initializer_range,
@@ -67,11 +69,11 @@ class DogeAttention(nnx.Module):
             q_offset = cache_index
 
         dropout = 0.0 if self.deterministic else cfg.attention_dropout
-        out = dma.dynamic_mask_attention(
-            q, k, v, dt, scale=H**-0.5, keep_window_size=cfg.keep_window_size, q_offset=q_offset,
-            kv_mask=kv_mask, q_segment_ids=segment_ids, kv_segment_ids=segment_ids,
-            sliding_window=cfg.sliding_window, dropout_rate=dropout,
-            dropout_rng=self.rngs.dropout() if dropout > 0 else None, impl=cfg.attention_impl)
+        mask = MaskSpec(keep_window_size=cfg.keep_window_size, q_offset=q_offset, kv_mask=kv_mask,
+                        q_segment_ids=segment_ids, kv_segment_ids=segment_ids, sliding_window=cfg.sliding_window)
+        out = attention_impl.attention(
+            q, k, v, dt, mask, scale=H**-0.5, impl=cfg.attention_impl, dropout_rate=dropout,
+            dropout_rng=self.rngs.dropout() if dropout > 0 else None, layer=self.layer_index)
         return self.o_proj(out.reshape(B, T, N * H)), cache
 
 

@@ -1,4 +1,4 @@
-"""Small building blocks: dense projections, RMSNorm, the gated MLP, activations.
+"""Small building blocks: dense projections, RMSNorm, the gated MLP.
 
 Parameters are float32 master weights with transformers' initialisation (normal(0, initializer_range) for
 weights, zeros for biases, ones for norms); `dtype` is the compute dtype of the matmuls.
@@ -6,22 +6,16 @@ weights, zeros for biases, ones for norms); `dtype` is the compute dtype of the 
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from doge_jax import sharding as sh
-
-ACTIVATIONS = {
-    "silu": jax.nn.silu,
-    "gelu": functools.partial(jax.nn.gelu, approximate=False),  # transformers' "gelu" is the exact erf form
-    "gelu_new": functools.partial(jax.nn.gelu, approximate=True),
-    "gelu_pytorch_tanh": functools.partial(jax.nn.gelu, approximate=True),
-    "relu": jax.nn.relu,
-    "tanh": jnp.tanh,
-}
+from doge_jax.model.options import ACTIVATIONS
+from doge_jax.parallel import sharding as sh
 
 
 class Dense(nnx.Module):
@@ -54,8 +48,18 @@ class RMSNorm(nnx.Module):
         return (self.weight[...] * x32.astype(x.dtype)).astype(x.dtype)
 
 
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class BlockOutput:
+    """What a feed-forward block returns, dense or MoE alike: its output [B, T, D], and for CDMoE what it routed
+    (a `moe_reference.Routing`; None for the dense MLP)."""
+
+    out: jax.Array
+    routing: Any = None
+
+
 class MLP(nnx.Module):
-    """down(act(gate(x)) * up(x))."""
+    """down(act(gate(x)) * up(x)), as a BlockOutput."""
 
     def __init__(self, cfg, *, dtype, rngs: nnx.Rngs):
         D, F = cfg.hidden_size, cfg.intermediate_size
@@ -66,5 +70,5 @@ class MLP(nnx.Module):
         self.down_proj = dense(F, D, logical_axes=(sh.MLP, sh.EMBED))
         self.act = ACTIVATIONS[cfg.hidden_act]
 
-    def __call__(self, x: jax.Array) -> jax.Array:
-        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+    def __call__(self, x: jax.Array) -> BlockOutput:
+        return BlockOutput(out=self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x)))

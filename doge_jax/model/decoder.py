@@ -19,17 +19,13 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from doge_jax import moe, rope
-from doge_jax import sharding as sh
-from doge_jax.attention import DogeAttention, init_cache
-from doge_jax.config import DogeConfig
-from doge_jax.layers import Dense, MLP, RMSNorm
-
-REMAT_POLICIES = {
-    "full": None,  # save nothing, recompute the layer
-    "dots": jax.checkpoint_policies.checkpoint_dots,
-    "dots_with_no_batch_dims": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
-}
+from doge_jax.model import moe_reference, rope
+from doge_jax.model.attention import DogeAttention, init_cache
+from doge_jax.model.config import DogeConfig
+from doge_jax.model.layers import MLP, Dense, RMSNorm
+from doge_jax.model.moe import CDMoE
+from doge_jax.model.options import REMAT_POLICIES
+from doge_jax.parallel import sharding as sh
 
 
 @jax.tree_util.register_dataclass
@@ -37,19 +33,19 @@ REMAT_POLICIES = {
 class CausalLMOutput:
     logits: jax.Array  # [B, T, V] float32
     aux_loss: jax.Array | None = None  # MoE load balancing (unscaled), as transformers' `aux_loss`
-    router_scores: tuple[jax.Array, ...] = ()  # per MoE layer, [2, B·T, num_keys] float32
+    routing: tuple[moe_reference.Routing, ...] = ()  # per MoE layer: scores [2, B·T, nk], experts [B·T, k]
+    moe: moe_reference.RoutingSummary | None = None  # aux loss, z-loss and routing statistics, computed once
     cache: list | None = None  # per layer {"k", "v", "dt"} when decoding with a cache
 
 
 class DecoderLayer(nnx.Module):
 
-    def __init__(self, cfg: DogeConfig, *, dtype, rngs: nnx.Rngs):
-        self.is_moe = cfg.is_moe
+    def __init__(self, cfg: DogeConfig, *, dtype, rngs: nnx.Rngs, layer_index: int | None = None):
         self.input_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, logical_axes=(sh.EMBED,))
-        self.self_attn = DogeAttention(cfg, dtype=dtype, rngs=rngs)
+        self.self_attn = DogeAttention(cfg, dtype=dtype, rngs=rngs, layer_index=layer_index)
         self.input_residual = nnx.Param(jnp.ones((cfg.hidden_size,)), logical_axes=(sh.EMBED,))
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, logical_axes=(sh.EMBED,))
-        self.mlp = moe.CDMoE(cfg, dtype=dtype, rngs=rngs) if cfg.is_moe else MLP(cfg, dtype=dtype, rngs=rngs)
+        self.mlp = CDMoE(cfg, dtype=dtype, rngs=rngs) if cfg.is_moe else MLP(cfg, dtype=dtype, rngs=rngs)
         self.post_attention_residual = nnx.Param(jnp.ones((cfg.hidden_size,)), logical_axes=(sh.EMBED,))
         self.dropout = nnx.Dropout(cfg.hidden_dropout, deterministic=True, rngs=rngs) if cfg.hidden_dropout > 0 else None
 
@@ -59,14 +55,10 @@ class DecoderLayer(nnx.Module):
         if self.dropout is not None:
             attn_out = self.dropout(attn_out)
         h = (self.input_residual[...] * h + attn_out).astype(h.dtype)
-        mlp_out = self.mlp(self.post_attention_layernorm(h))
-        scores = None
-        if self.is_moe:
-            mlp_out, scores = mlp_out
-        if self.dropout is not None:
-            mlp_out = self.dropout(mlp_out)
+        block = self.mlp(self.post_attention_layernorm(h))
+        mlp_out = block.out if self.dropout is None else self.dropout(block.out)
         h = (self.post_attention_residual[...] * h + mlp_out).astype(h.dtype)
-        return h, cache, scores
+        return h, cache, block.routing
 
 
 class Doge(nnx.Module):
@@ -80,7 +72,8 @@ class Doge(nnx.Module):
         if cfg.pad_token_id is not None and 0 <= cfg.pad_token_id < cfg.vocab_size:
             emb = emb.at[cfg.pad_token_id].set(0.0)  # nn.Embedding(padding_idx) zeroes that row, as transformers
         self.embed_tokens = nnx.Param(emb, logical_axes=(sh.VOCAB, sh.EMBED))
-        self.layers = nnx.List([DecoderLayer(cfg, dtype=dtype, rngs=rngs) for _ in range(cfg.num_hidden_layers)])
+        self.layers = nnx.List([DecoderLayer(cfg, dtype=dtype, rngs=rngs, layer_index=i)
+                                for i in range(cfg.num_hidden_layers)])
         self.norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, logical_axes=(sh.EMBED,))
         self.lm_head = None if cfg.tie_word_embeddings else Dense(
             cfg.hidden_size, cfg.vocab_size, use_bias=False, logical_axes=(sh.EMBED, sh.VOCAB), init_std=std,
@@ -109,31 +102,31 @@ class Doge(nnx.Module):
         h = jnp.take(self.embed_tokens[...], input_ids, axis=0).astype(self.dtype)  # [B, T, D]
 
         layer_call = lambda layer, *args: layer(*args)  # noqa: E731
-        if cfg.remat_policy != "none":
+        if cfg.remat_policy != "none":  # REMAT_POLICIES["full"] is None: save nothing
             layer_call = nnx.remat(layer_call, policy=REMAT_POLICIES[cfg.remat_policy])
-        new_cache, all_scores = [], []
+        new_cache, routings = [], []
         for i, layer in enumerate(self.layers):
-            h, layer_cache, scores = layer_call(layer, h, cos, sin, attention_mask, segment_ids,
-                                                None if cache is None else cache[i], cache_index)
+            h, layer_cache, routing = layer_call(layer, h, cos, sin, attention_mask, segment_ids,
+                                                 None if cache is None else cache[i], cache_index)
             new_cache.append(layer_cache)
-            if scores is not None:
-                all_scores.append(scores)
+            if routing is not None:
+                routings.append(routing)
         h = self.norm(h)
         if self.lm_head is None:
             logits = jnp.dot(h, self.embed_tokens[...].astype(h.dtype).T)
         else:
             logits = self.lm_head(h)
 
-        aux = None
-        if all_scores:
+        summary = None
+        if routings:
             token_mask = None
             if cache is None and attention_mask is not None:
                 token_mask = attention_mask.reshape(-1)
             elif segment_ids is not None:
                 token_mask = (segment_ids > 0).reshape(-1)
-            aux = moe.load_balancing_loss(all_scores, cfg.num_experts, cfg.num_experts_per_tok, token_mask)
-        return CausalLMOutput(logits=logits.astype(jnp.float32), aux_loss=aux, router_scores=tuple(all_scores),
-                              cache=None if cache is None else new_cache)
+            summary = moe_reference.routing_summary(routings, cfg.num_experts, token_mask)
+        return CausalLMOutput(logits=logits.astype(jnp.float32), aux_loss=None if summary is None else summary.aux_loss,
+                              routing=tuple(routings), moe=summary, cache=None if cache is None else new_cache)
 
     def init_cache(self, batch: int, max_len: int) -> list:
         return [init_cache(self.cfg, batch, max_len, self.dtype) for _ in range(self.cfg.num_hidden_layers)]
