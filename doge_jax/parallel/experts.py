@@ -63,9 +63,9 @@ def local_experts(h: jax.Array, indices: jax.Array, weights: jax.Array, down_loc
                                  up_local, act)
 
 
-def compact_pairs(indices: jax.Array, first_expert: jax.Array | int, e_local: int, capacity: int
+def compact_pairs(indices: jax.Array, first_expert: jax.Array | int, e_local: int, slots: int
                   ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array, jax.Array]:
-    """The pairs of experts [first_expert, first_expert + e_local) in `capacity` slots, in (token, rank) order.
+    """The pairs of experts [first_expert, first_expert + e_local) in C = `slots` slots, in (token, rank) order.
 
     indices [M, k] (global expert ids) → (pair [C] (flat index m·k + r of the slot's pair), token [C],
     local expert [C], valid [C] bool, dropped [] int32: owned pairs past the last slot). Empty slots point at
@@ -74,12 +74,12 @@ def compact_pairs(indices: jax.Array, first_expert: jax.Array | int, e_local: in
     local = (indices - first_expert).reshape(M * k)  # [M·k]
     mine = (local >= 0) & (local < e_local)
     slot = jnp.cumsum(mine.astype(jnp.int32)) - 1  # [M·k]: the owned pairs numbered 0, 1, 2, ...
-    keep = mine & (slot < capacity)
-    pair = jnp.zeros((capacity,), jnp.int32).at[jnp.where(keep, slot, capacity)].set(
+    keep = mine & (slot < slots)
+    pair = jnp.zeros((slots,), jnp.int32).at[jnp.where(keep, slot, slots)].set(
         jnp.arange(M * k, dtype=jnp.int32), mode="drop")  # [C]; out-of-range destinations are dropped
     owned = jnp.sum(mine.astype(jnp.int32))
-    valid = jnp.arange(capacity) < owned
-    return pair, pair // k, jnp.where(valid, local[pair], 0), valid, owned - jnp.minimum(owned, capacity)
+    valid = jnp.arange(slots) < owned
+    return pair, pair // k, jnp.where(valid, local[pair], 0), valid, owned - jnp.minimum(owned, slots)
 
 
 def slot_experts(h: jax.Array, pair: jax.Array, token: jax.Array, expert: jax.Array, valid: jax.Array,
