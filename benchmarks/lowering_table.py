@@ -3,7 +3,7 @@
     python benchmarks/lowering_table.py                               # doge_60m + doge_160m, 3 meshes, cuda + tpu
     python benchmarks/lowering_table.py --presets doge_60m --layers 2 --json out.json   # what the CI test runs
 
-For each (preset, mesh, platform) the trainer's own train step (doge_jax.trainer.lowering.abstract_train_step:
+For each (preset, mesh, platform) the trainer's own train step (doge_jax.trainer.lowering.lowered_train_step, i.e. Trainer.lower_train_step:
 the state/batch shardings of Trainer._setup, traced under jax.set_mesh) is lowered for that platform on 8 fake
 CPU devices, with the kernels traced for it (doge_jax.kernels.target.lowering_for), bf16 and remat on. Nothing is
 allocated or compiled for the target. The table reports the kernel custom calls found (`__gpu$xla.gpu.triton` /

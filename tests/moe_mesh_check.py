@@ -10,6 +10,11 @@ unsharded reference (`moe_reference.experts_reference`, no mesh):
   model  a tiny Doge-MoE's loss (CE + aux + z-loss) and the gradients of every parameter;
   auto   moe_impl="auto" under `jax.set_mesh` takes the expert-parallel path and agrees; "explicit" names
          moe_impl="expert_parallel" in the config.
+  capacity  capacity-bounded dispatch (`capacity_factor` > 0, compacted slots): with room for every pair it
+         equals the reference (output, gradients, dropped = 0); with capacity_factor = 1 it drops pairs and
+         equals a plain-numpy reference that zeroes exactly the pairs past each shard's capacity, in (token,
+         rank) order, with the same dropped count; and a tiny model with a capacity reports
+         moe/dropped_fraction = dropped / (tokens · top_k).
 With --train, configs/doge_tiny_moe.py and configs/doge_40m_moe.py (2 and 1 layers: more only cost compile
 time) take a few AdamW steps under `jax.set_mesh` on a (data=2, expert=N/2) mesh, the way the trainer should
 run them, reporting the routing statistics (`CausalLMOutput.moe.stats`) as metrics.
@@ -43,6 +48,7 @@ from doge_jax.model import loss as loss_lib  # noqa: E402
 from doge_jax.model import decoder as model_lib  # noqa: E402
 from doge_jax.model import moe as moe_block  # noqa: E402
 from doge_jax.model import moe_reference as moe  # noqa: E402
+from doge_jax.parallel import experts as ep  # noqa: E402
 from doge_jax.parallel import sharding as sh  # noqa: E402
 from doge_jax.model.config import DogeConfig  # noqa: E402
 
@@ -199,6 +205,110 @@ def check_model():
               f"grad_rel_err={g_err:.1e} {stamp()}", flush=True)
 
 
+# --- capacity-bounded dispatch ------------------------------------------------------------------------------------
+
+def capacity_keep(indices, n, groups, slots):
+    """Plain numpy: 1 for the pairs the capacity-bounded dispatch keeps, 0 for those it drops ([M, k] float32).
+
+    Tokens are split into `groups` contiguous data/fsdp groups; within a group, expert shard s owns the pairs
+    with expert // (E/n) == s and keeps the first `slots` of them in (token, rank) order."""
+    idx = np.asarray(indices)
+    M, k = idx.shape
+    e_local = LAYER_CFG.num_experts // n
+    keep = np.ones(M * k, np.float32)
+    for g in range(groups):
+        lo, hi = g * M // groups * k, (g + 1) * M // groups * k
+        owner = idx.reshape(-1)[lo:hi] // e_local
+        for s in range(n):
+            keep[lo + np.flatnonzero(owner == s)[slots:]] = 0.0
+    return keep.reshape(M, k)
+
+
+def check_capacity():
+    E, D, k = LAYER_CFG.num_experts, LAYER_CFG.hidden_size, LAYER_CFG.num_experts_per_tok
+    M = 48
+    keys = jax.random.split(jax.random.key(7), 5)
+    h = jax.random.normal(keys[0], (M, D))
+    indices = jax.random.randint(keys[1], (M, k), 0, E)
+    weights = jax.nn.softmax(jax.random.normal(keys[2], (M, k)), axis=-1)
+    down, up = jax.random.normal(keys[3], (E, D)), jax.random.normal(keys[4], (E, D))
+    proj = jnp.sin(jnp.arange(M * D, dtype=jnp.float32)).reshape(M, D)  # weighs every output entry differently
+
+    def ref_loss(h, w, d, u, keep):
+        out = moe.experts_reference(h, indices, w * keep, d, u, jax.nn.silu)
+        return jnp.sum(out * proj), out
+
+    for shape in [s for c in COUNTS for s in MESHES[c]]:
+        mesh = make_mesh(shape)
+        n, groups = shape[3], shape[0] * shape[1]
+        tok = NamedSharding(mesh, sh.logical_to_spec((sh.BATCH, None)))
+        tab = NamedSharding(mesh, sh.logical_to_spec((sh.EXPERTS, sh.EMBED)))
+        args = (jax.device_put(h, tok), jax.device_put(weights, tok), jax.device_put(down, tab),
+                jax.device_put(up, tab))
+        # 1.5: compacted (fewer slots than pairs) for n >= 2, yet room for every pair of these inputs.
+        for cf in (1.5, 1.0):
+            slots = ep.capacity(M // groups * k, n, cf)
+            if n > 1 and slots is None:
+                fail(f"capacity {shape} cf={cf}: expected a compacted dispatch")
+            keep = capacity_keep(indices, n, groups, M * k if slots is None else slots)
+            want_dropped = int((keep == 0).sum())
+            if cf == 1.5 and want_dropped:
+                fail(f"capacity {shape}: the no-drop inputs drop {want_dropped} pairs; pick other inputs")
+
+            def loss(h, w, d, u, cf=cf):
+                out, dropped = ep.expert_parallel_experts(h, jax.device_put(indices, tok), w, d, u, jax.nn.silu,
+                                                          capacity_factor=cf)
+                return jnp.sum(out * proj), (out, dropped)
+
+            with jax.set_mesh(mesh):
+                (_, (out, dropped)), grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3),
+                                                                        has_aux=True))(*args)
+            (_, ref_out), ref_grads = jax.jit(jax.value_and_grad(ref_loss, argnums=(0, 1, 2, 3), has_aux=True))(
+                h, weights, down, up, jnp.asarray(keep))
+            out_err = float(np.abs(np.asarray(out) - np.asarray(ref_out)).max())
+            if out_err > ATOL or int(dropped) != want_dropped:
+                fail(f"capacity {shape} cf={cf}: output err {out_err:.2e}, dropped {int(dropped)} vs "
+                     f"{want_dropped}")
+            g_err = compare_tree(f"capacity {shape} cf={cf}", grads, ref_grads)
+            print(f"ok capacity mesh={shape} cf={cf} slots={slots} dropped={int(dropped)}/{M * k} "
+                  f"out_err={out_err:.1e} grad_rel_err={g_err:.1e} {stamp()}", flush=True)
+
+
+def check_capacity_model():
+    """The model with a capacity on the largest mesh: equal to the reference without drops, and the
+    dropped fraction in the routing statistics."""
+    shape = MODEL_MESHES[N][0][0]
+    mesh = make_mesh(shape)
+    ids, mask = model_inputs(MODEL_CFG, 8, 12)
+    batch = NamedSharding(mesh, sh.logical_to_spec((sh.BATCH, None)))
+    ids_sh, mask_sh = jax.device_put(ids, batch), jax.device_put(mask, batch)
+    model = model_lib.build(MODEL_CFG, seed=3)
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    ref_loss, ref_grads = jax.jit(jax.value_and_grad(lambda p: model_loss(graphdef, rest, p, ids, mask)))(params)
+    p_sh = shard_params(params, mesh)
+    for cf in (2.0, 1.0):  # 2.0: compacted (144 slots for 288 pairs per group and shard), nothing dropped
+        g, _, r = nnx.split(model_lib.build(MODEL_CFG.replace(moe_impl="expert_parallel", capacity_factor=cf),
+                                            seed=3), nnx.Param, ...)
+
+        def loss(p, g=g, r=r):
+            out = nnx.merge(g, p, r)(ids_sh, mask_sh)
+            return model_loss(g, r, p, ids_sh, mask_sh), (out.moe.stats["dropped_fraction"], out.routing[0].dropped)
+
+        with jax.set_mesh(mesh):
+            (value, (frac, dropped)), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(p_sh)
+        pairs = ids.size * MODEL_CFG.num_experts_per_tok
+        if abs(float(frac) - int(dropped) / pairs) > 1e-7:
+            fail(f"capacity model cf={cf}: dropped_fraction {float(frac)} but {int(dropped)} of {pairs} dropped")
+        if cf == 2.0:
+            if int(dropped) or abs(float(value) - float(ref_loss)) > ATOL:
+                fail(f"capacity model cf={cf}: dropped {int(dropped)}, loss {float(value)} vs {float(ref_loss)}")
+            compare_tree(f"capacity model cf={cf}", grads, ref_grads)
+        elif not int(dropped):
+            fail(f"capacity model cf={cf}: expected drops at capacity_factor 1 on {shape}")
+        print(f"ok capacity model mesh={shape} cf={cf} loss={float(value):.5f} (reference {float(ref_loss):.5f}) "
+              f"dropped_fraction={float(frac):.3f} {stamp()}", flush=True)
+
+
 # --- a few training steps on an expert-sharded mesh ---------------------------------------------------------------
 
 def train_few_steps(config_module, mesh_shape, *, steps, batch, length, **overrides):
@@ -256,6 +366,8 @@ def train_few_steps(config_module, mesh_shape, *, steps, batch, length, **overri
 def main():
     check_layer()
     check_model()
+    check_capacity()
+    check_capacity_model()
     if "--train" in sys.argv:
         shape = (2, 1, 1, N // 2) if N >= 4 else (1, 1, 1, N)
         train_few_steps("doge_tiny_moe", shape, steps=4, batch=16, length=32, num_hidden_layers=2)

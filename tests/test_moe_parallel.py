@@ -54,6 +54,46 @@ def test_local_experts_gradient_stays_in_the_local_block():
     np.testing.assert_allclose(np.asarray(grads[1]), np.asarray(full[e:2 * e]), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("slots", [8, 24, 40])
+def test_compacted_slots_equal_the_reference_on_the_kept_pairs(slots):
+    """One shard's compacted dispatch (experts [16, 32) of 64) == the masked reference with the pairs past
+    `slots` (in (token, rank) order) zeroed, forward and every gradient; the dropped count matches."""
+    h, indices, weights, down, up = _routing_inputs()
+    first, e_local = 16, 16
+    owned = np.flatnonzero(((np.asarray(indices) >= first) & (np.asarray(indices) < first + e_local)).reshape(-1))
+    keep = np.ones(indices.size, np.float32)
+    keep[owned[slots:]] = 0.0
+    keep = jnp.asarray(keep.reshape(indices.shape))
+    d_local, u_local = down[first:first + e_local], up[first:first + e_local]
+
+    def slotted(h, w, d, u):
+        pair, token, expert, valid, dropped = moe_parallel.compact_pairs(indices, first, e_local, slots)
+        return moe_parallel.slot_experts(h, pair, token, expert, valid, w, d, u, jax.nn.silu), dropped
+
+    def masked(h, w, d, u):
+        return moe_parallel.local_experts(h, indices, w * keep, d, u, jax.nn.silu, first), None
+
+    proj = jax.random.normal(jax.random.key(3), h.shape)
+    (_, (_, dropped)), grads = jax.value_and_grad(lambda *a: (jnp.sum(slotted(*a)[0] * proj), slotted(*a)),
+                                                  argnums=(0, 1, 2, 3), has_aux=True)(h, weights, d_local, u_local)
+    (_, _), ref_grads = jax.value_and_grad(lambda *a: (jnp.sum(masked(*a)[0] * proj), None), argnums=(0, 1, 2, 3),
+                                           has_aux=True)(h, weights, d_local, u_local)
+    np.testing.assert_allclose(np.asarray(slotted(h, weights, d_local, u_local)[0]),
+                               np.asarray(masked(h, weights, d_local, u_local)[0]), atol=1e-5, rtol=1e-5)
+    for g, r in zip(grads, ref_grads):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(r), atol=1e-5, rtol=1e-5)
+    assert int(dropped) == max(len(owned) - slots, 0)
+
+
+def test_capacity_slots():
+    assert moe_parallel.capacity(384, 8, 0.0) is None  # 0: the exact masked path
+    assert moe_parallel.capacity(384, 1, 1.25) is None  # one shard: the slots would hold every pair
+    assert moe_parallel.capacity(384, 8, 1.25) == 64  # ceil(1.25 · 48) = 60 → a multiple of 8
+    assert moe_parallel.capacity(2048 * 64, 8, 1.25) == 20480
+    with pytest.raises(ValueError, match=r"^capacity_factor=0.5 must be 0 \(no dropping\) or >= 1"):
+        DogeConfig(capacity_factor=0.5)
+
+
 def test_expert_axis_must_divide_num_experts():
     h, indices, weights, down, up = _routing_inputs(E=64)
     mesh = jax.sharding.AbstractMesh((1, 1, 1, 3), sh.MESH_AXES)
@@ -93,11 +133,15 @@ def test_routing_stats_counts_assignments():
     scores = jnp.stack([sx, sy])  # [2, M=3, nk=2]
     stats = moe.routing_summary([moe.routing_from_scores(scores, 2, 1)], num_experts=4).stats
     assert {k: round(float(v), 4) for k, v in stats.items()} == {
-        "experts_used": 0.5, "load_max": 2.0, "load_mean": 0.75, "load_max_over_mean": round(2 / 0.75, 4)}
+        "experts_used": 0.5, "load_max": 2.0, "load_mean": 0.75, "load_max_over_mean": round(2 / 0.75, 4),
+        "dropped_fraction": 0.0}
     routing = moe.routing_from_scores(scores, 2, 1)
     masked = moe.routing_summary([routing, routing], 4, token_mask=jnp.array([1, 1, 0])).stats  # layers averaged
     assert {k: round(float(v), 4) for k, v in masked.items()} == {
-        "experts_used": 0.25, "load_max": 2.0, "load_mean": 0.5, "load_max_over_mean": 4.0}
+        "experts_used": 0.25, "load_max": 2.0, "load_mean": 0.5, "load_max_over_mean": 4.0, "dropped_fraction": 0.0}
+    dropped = moe.Routing(scores=routing.scores, indices=routing.indices, dropped=jnp.int32(1))  # 1 of 3 pairs
+    frac = moe.routing_summary([dropped, routing], 4).stats["dropped_fraction"]
+    np.testing.assert_allclose(float(frac), (1 / 3 + 0) / 2, rtol=1e-6)
 
 
 @pytest.mark.parametrize("name", ["doge_tiny_moe", "doge_40m_moe"])

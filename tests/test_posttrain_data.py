@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -133,10 +134,14 @@ def test_dpo_and_grpo_sources(tok):
                               num_attention_heads=2)
     ref = doge_jax.build(cfg)
     recs = datasets.prefs(num=6)
-    asm = dpo.DPOAssembler(tok, recs, dpo.ReferenceLogps(ref), seq_len=64, pad_id=tok.pad_token_id)
+    asm = dpo.DPOAssembler(tok, recs, seq_len=64, pad_id=tok.pad_token_id)
     batch = asm(records.IndexStream(np.arange(6), seed=0, shuffle=False), rows=2)
-    assert batch["input_ids"].shape == (2, 2, 64) and batch["ref_logps"].shape == (2, 2)
-    assert np.isfinite(batch["ref_logps"]).all() and (batch["ref_logps"] < 0).all()
+    assert batch["input_ids"].shape == (2, 2, 64)
+    ref_logps, counts = dpo.pair_logps(ref, {k: jnp.asarray(v) for k, v in batch.items()})  # [2, 2] each
+    assert np.isfinite(ref_logps).all() and (ref_logps < 0).all() and (counts > 0).all()
+    # The policy equal to the reference: h = 0, the sigmoid loss is ln 2.
+    loss, _ = dpo.make_loss(beta=0.1)(ref, {k: jnp.asarray(v) for k, v in batch.items()}, None, reference=ref)
+    assert float(loss) == pytest.approx(np.log(2.0), abs=1e-6)
     for r in range(2):  # chosen and rejected share the prompt, then differ in the reply (the counted tokens)
         chosen, rejected = batch["targets"][r]
         first = np.flatnonzero(chosen != IGNORE_INDEX)[0]

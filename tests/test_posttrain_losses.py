@@ -43,21 +43,21 @@ class FixedLogits:
         return SimpleNamespace(logits=self.logits)
 
 
-def _pair_batch(ref_logps):
+def _pair_batch():
     ids = np.array([7, A_TOK, B_TOK, 0], np.int32)
     targets = np.array([A_TOK, B_TOK, IGNORE_INDEX, IGNORE_INDEX], np.int32)  # aligned: the reply is 2 tokens
     row = lambda x: np.stack([x, x])[None]  # noqa: E731  [1, 2, T]
     return {"input_ids": row(ids), "targets": row(targets), "segment_ids": row(np.array([1, 1, 1, 0])),
-            "positions": row(np.arange(4)), "ref_logps": np.asarray([ref_logps], np.float32)}
+            "positions": row(np.arange(4))}
 
 
-# policy: chosen (1/2, 1/2) → −2 ln2, rejected (1/4, 1/4) → −4 ln2; reference: −3 ln2 both.
+# policy: chosen (1/2, 1/2) → −2 ln2, rejected (1/4, 1/4) → −4 ln2; reference: (1/2, 1/4) → −3 ln2 both.
 POLICY = np.stack([_logits_for(0.5, 0.5), _logits_for(0.25, 0.25)])  # [2, T, V]: chosen row, rejected row
-REF = [-3 * LN2, -3 * LN2]
+REF = np.stack([_logits_for(0.5, 0.25), _logits_for(0.25, 0.5)])
 
 
 def test_sequence_logps():
-    logps, counts = dpo.sequence_logps(jnp.asarray(POLICY), jnp.asarray(_pair_batch(REF)["targets"][0]))
+    logps, counts = dpo.sequence_logps(jnp.asarray(POLICY), jnp.asarray(_pair_batch()["targets"][0]))
     np.testing.assert_allclose(logps, [-2 * LN2, -4 * LN2], atol=1e-6)
     assert counts.tolist() == [2, 2]
 
@@ -72,7 +72,7 @@ def test_sequence_logps():
 ])
 def test_dpo_loss_matches_hand_computed(loss_type, smoothing, expected):
     loss_fn = dpo.make_loss(beta=0.5, loss_type=loss_type, label_smoothing=smoothing)
-    loss, metrics = loss_fn(FixedLogits(POLICY), _pair_batch(REF), jax.random.key(0))
+    loss, metrics = loss_fn(FixedLogits(POLICY), _pair_batch(), jax.random.key(0), reference=FixedLogits(REF))
     assert float(loss) == pytest.approx(expected, abs=1e-6)
     if loss_type == "sigmoid":
         assert float(metrics["reward_chosen"]) == pytest.approx(0.5 * LN2, abs=1e-6)  # β·(−2 + 3) ln2
@@ -139,22 +139,26 @@ def test_grpo_loss_raises_a_reward():
         def __call__(self, tokens, lengths, index):
             return (tokens % 2 == 0).mean(axis=1, keepdims=True).astype(np.float32)
 
-    loss_fn = grpo.make_loss(scorer=EvenTokens(), reward_weights=[1.0], ref_model=doge_jax.build(cfg, seed=0),
-                             group_size=8, max_new_tokens=4, stop_tokens=(), temperature=1.0, kl_coef=0.01)
+    loss_fn = grpo.make_loss(scorer=EvenTokens(), reward_weights=[1.0], group_size=8, max_new_tokens=4,
+                             stop_tokens=(), temperature=1.0, kl_coef=0.01)
     graphdef, params, rest = nnx.split(doge_jax.build(cfg, seed=0), nnx.Param, ...)
+    reference = doge_jax.build(cfg, seed=0)
+    reference.eval()
+    ref_def, ref_params = nnx.split(reference)
     tx = optax.adam(1e-2)
     batch = {"prompt_ids": jnp.array([[0, 5, 6, 7], [9, 10, 11, 12]], jnp.int32),
              "prompt_mask": jnp.array([[0, 1, 1, 1], [1, 1, 1, 1]], jnp.int32), "index": jnp.array([0, 1])}
 
     @jax.jit
-    def step(params, opt, rng):
-        f = lambda p: loss_fn(nnx.merge(graphdef, p, rest), batch, rng)  # noqa: E731
+    def step(params, opt, rng, ref_params):  # the reference's weights an argument, as the Trainer passes them
+        f = lambda p: loss_fn(nnx.merge(graphdef, p, rest), batch, rng,  # noqa: E731
+                              reference=nnx.merge(ref_def, ref_params))
         (_, metrics), grads = jax.value_and_grad(f, has_aux=True)(params)
         updates, opt = tx.update(grads, opt, params)
         return optax.apply_updates(params, updates), opt, metrics["reward"]
 
     opt, curve = tx.init(params), []
     for i in range(15):
-        params, opt, reward = step(params, opt, jax.random.key(i))
+        params, opt, reward = step(params, opt, jax.random.key(i), ref_params)
         curve.append(float(reward))
     assert np.mean(curve[-5:]) > np.mean(curve[:5]) + 0.15, curve

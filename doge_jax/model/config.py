@@ -80,6 +80,10 @@ class DogeConfig:
     router_z_loss_coef: float = _field(0.0, hf=OPTION, runtime=True)
     attention_impl: str = _field("auto", hf=None, runtime=True, choices=ATTENTION_IMPLS)
     moe_impl: str = _field("auto", hf=None, runtime=True, choices=MOE_IMPLS)
+    # Expert-parallel only: each expert shard computes at most ceil(capacity_factor · pairs / n) of its group's
+    # (token, expert) pairs and drops the rest (counted in moe/dropped_fraction); 0 = every pair, exactly as the
+    # reference (each shard then scans all n·share pairs). 1.25 is the usual choice (Switch Transformer).
+    capacity_factor: float = _field(0.0, hf=None, runtime=True)
     # Activation / matmul dtype; parameters are always float32 (master weights).
     dtype: str = _field("float32", hf=None, runtime=True, choices=("float32", "bfloat16", "float16"))
     remat_policy: str = _field("none", hf=None, runtime=True, choices=tuple(REMAT_POLICIES))
@@ -110,6 +114,9 @@ class DogeConfig:
         if self.rope_type != "default" and not self.rope_factor >= 1.0:
             raise ConfigFieldError("rope_factor", f"rope_factor={self.rope_factor} must be >= 1 for "
                                    f"rope_type={self.rope_type!r}")
+        if not (self.capacity_factor == 0 or self.capacity_factor >= 1):
+            raise ConfigFieldError("capacity_factor", f"capacity_factor={self.capacity_factor} must be 0 (no "
+                                   "dropping) or >= 1 (below 1 drops pairs even when the experts are balanced)")
         if self.rms_norm_eps <= 0:
             raise ConfigFieldError("rms_norm_eps", f"rms_norm_eps={self.rms_norm_eps} must be > 0")
         if self.is_moe:

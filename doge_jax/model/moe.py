@@ -10,6 +10,8 @@ Expert e = (x, y) ∈ [num_keys]² (e = x·num_keys + y) scores s_x[x] + s_y[y];
 - "expert_parallel": `doge_jax.parallel.experts` (tables sharded over the `expert` mesh axis, in shard_map) on
   the mesh the model runs under (`jax.set_mesh`, as the trainer does); an error without one.
 - "auto": expert-parallel when that mesh has an `expert` axis > 1, else the reference.
+`cfg.capacity_factor` > 0 bounds each expert shard's work on the expert-parallel path (pairs past capacity are
+dropped and counted in `Routing.dropped`); the reference never drops.
 Routing (the top-k over product keys) runs per token shard whenever a mesh is set (see `parallel.experts`).
 """
 
@@ -64,7 +66,11 @@ class CDMoE(MLP):
         else:
             expert_scores, indices = ep.sharded_select_experts(scores, cfg.num_keys, cfg.num_experts_per_tok)
         weights = ref.routing_weights(expert_scores, cfg.norm_topk_prob)  # [B·T, k]
-        experts = ep.expert_parallel_experts if impl == "expert_parallel" else ref.experts_reference
-        routed = experts(h.reshape(B * T, D), indices, weights, self.down_embed[...], self.up_embed[...], self.act)
+        tables = (self.down_embed[...], self.up_embed[...])
+        if impl == "expert_parallel":
+            routed, dropped = ep.expert_parallel_experts(h.reshape(B * T, D), indices, weights, *tables, self.act,
+                                                         capacity_factor=cfg.capacity_factor)
+        else:
+            routed, dropped = ref.experts_reference(h.reshape(B * T, D), indices, weights, *tables, self.act), None
         out = super().__call__(h).out + routed.reshape(B, T, D)
-        return BlockOutput(out=out, routing=ref.Routing(scores=scores, indices=indices))
+        return BlockOutput(out=out, routing=ref.Routing(scores=scores, indices=indices, dropped=dropped))

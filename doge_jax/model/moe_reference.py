@@ -28,10 +28,12 @@ import jax.numpy as jnp
 @dataclasses.dataclass
 class Routing:
     """What one CDMoE layer routed: the router scores [2, M, nk] float32 (x side, y side, in the layer's router
-    layout) and the chosen experts [M, k] int32, best first (M = B·T tokens, or score rows in that layout)."""
+    layout), the chosen experts [M, k] int32, best first (M = B·T tokens, or score rows in that layout), and
+    how many of the M·k pairs the expert-parallel dispatch dropped over capacity ([] int32; None: none can be)."""
 
     scores: jax.Array
     indices: jax.Array
+    dropped: jax.Array | None = None
 
 
 def router_scores(logits: jax.Array, layout: str) -> jax.Array:
@@ -99,12 +101,13 @@ def routing_summary(routings: list[Routing], num_experts: int, token_mask: jax.A
       load_max            the most assignments any one expert got
       load_mean           assignments per expert on average (= tokens · top_k / num_experts)
       load_max_over_mean  load_max / load_mean: 1 is perfectly balanced, num_experts is one expert taking all
+      dropped_fraction    pairs dropped over capacity / all M·k pairs (padding included; 0 without a capacity)
     """
     nk = routings[0].scores.shape[-1]
     assign_total = jnp.zeros((num_experts,), jnp.float32)
     prob_total = jnp.zeros((nk, nk), jnp.float32)
     n_assign = n_tokens = z_total = 0.0
-    used, load_max, load_mean, ratio = [], [], [], []
+    used, load_max, load_mean, ratio, dropped = [], [], [], [], []
     for routing in routings:
         scores = routing.scores.astype(jnp.float32)  # [2, M, nk]
         M, top_k = routing.indices.shape
@@ -121,6 +124,8 @@ def routing_summary(routings: list[Routing], num_experts: int, token_mask: jax.A
         load_max.append(jnp.max(load))
         load_mean.append(jnp.sum(load) / num_experts)
         ratio.append(load_max[-1] / jnp.maximum(load_mean[-1], 1e-9))
+        dropped.append(jnp.zeros((), jnp.float32) if routing.dropped is None
+                       else routing.dropped.astype(jnp.float32) / (M * top_k))
     tokens_per_expert = assign_total / n_assign
     prob_per_expert = jnp.zeros((num_experts,), jnp.float32).at[: nk * nk].set(prob_total.reshape(-1) / n_tokens)
     mean = lambda xs: jnp.mean(jnp.stack(xs))  # noqa: E731
@@ -128,7 +133,7 @@ def routing_summary(routings: list[Routing], num_experts: int, token_mask: jax.A
         aux_loss=jnp.sum(tokens_per_expert * prob_per_expert) * num_experts,
         z_loss=z_total / len(routings),
         stats={"experts_used": mean(used), "load_max": mean(load_max), "load_mean": mean(load_mean),
-               "load_max_over_mean": mean(ratio)})
+               "load_max_over_mean": mean(ratio), "dropped_fraction": mean(dropped)})
 
 
 def routing_from_scores(scores: jax.Array, num_keys: int, top_k: int) -> Routing:

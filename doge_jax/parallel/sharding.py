@@ -100,6 +100,15 @@ def state_shardings(state: nnx.State, mesh: Mesh, rules=RULES) -> Any:
     return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
+def constrain(x: jax.Array, logical: Sequence[str | None], rules=RULES) -> jax.Array:
+    """`jax.lax.with_sharding_constraint` of an activation to its logical axes under the mesh set with
+    `jax.set_mesh` (the trainer's); the identity when no mesh is set. Axes that do not divide are dropped."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return x
+    return jax.lax.with_sharding_constraint(x, fit_spec(logical_to_spec(logical, rules), x.shape, mesh))
+
+
 def batch_sharding(mesh: Mesh, ndim: int = 2, rules=RULES) -> NamedSharding:
     """Batch-major activations/inputs: the batch over every data-like axis, the rest replicated."""
     return NamedSharding(mesh, logical_to_spec((BATCH,) + (None,) * (ndim - 1), rules))

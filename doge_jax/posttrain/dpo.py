@@ -6,12 +6,12 @@ tokens, the per-pair losses are
     sigmoid (Rafailov et al. 2023):  −(1 − ε)·log σ(β·h) − ε·log σ(−β·h)      (ε = label_smoothing, cDPO)
     ipo     (Azar et al. 2023):      (h − 1/(2β))²  with log-probs averaged over the reply tokens (as TRL)
 
-The reference log-probs are computed once per batch by the batch source (a jitted forward of the frozen
-reference, by default the `init_from` checkpoint), so the train step holds one model. Records: {"prompt": str |
-messages, "chosen": str | message | messages, "rejected": …} (TRL's conversational or plain formats).
+The reference log-probs are computed inside the train step by the frozen reference (by default the
+`init_from` checkpoint), which the Trainer passes to the loss as `reference=`: its parameters are a sharded
+argument of the compiled step, placed like the policy's. Records: {"prompt": str | messages, "chosen": str |
+message | messages, "rejected": …} (TRL's conversational or plain formats).
 
-A row holds the pair: input_ids / targets / segment_ids / positions [2, T] (chosen first), ref_logps [2] and
-num_tokens [2] (reply tokens).
+A row holds the pair: input_ids / targets / segment_ids / positions [2, T] (chosen first).
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 from doge_jax.model.loss import IGNORE_INDEX
 from doge_jax.posttrain import chat, records
@@ -64,12 +63,12 @@ def pair_logps(model, batch: dict) -> tuple[jax.Array, jax.Array]:
 
 
 def make_loss(*, beta: float, loss_type: str = "sigmoid", label_smoothing: float = 0.0):
-    """The trainer's loss_fn(model, batch, rng) for DPO (each pair weighs 1)."""
+    """The trainer's loss_fn(model, batch, rng, reference=frozen model) for DPO (each pair weighs 1)."""
 
-    def loss_fn(model, batch: dict, rng: jax.Array):
+    def loss_fn(model, batch: dict, rng: jax.Array, *, reference):
         del rng
         logps, counts = pair_logps(model, batch)
-        ref = batch["ref_logps"]
+        ref = jax.lax.stop_gradient(pair_logps(reference, batch)[0])  # [M, 2]
         if loss_type == "ipo":  # IPO compares per-token averages
             n = jnp.maximum(counts, 1).astype(jnp.float32)
             logps, ref = logps / n, ref / n
@@ -84,19 +83,6 @@ def make_loss(*, beta: float, loss_type: str = "sigmoid", label_smoothing: float
         return jnp.mean(out["losses"]), metrics
 
     return loss_fn
-
-
-class ReferenceLogps:
-    """The frozen reference: jitted summed reply log-probs of [R, 2, T] pair rows."""
-
-    def __init__(self, ref_model):
-        ref_model.eval()
-        graphdef, self.state = nnx.split(ref_model)
-        self._logps = jax.jit(lambda state, batch: pair_logps(nnx.merge(graphdef, state), batch)[0])
-
-    def __call__(self, batch: dict) -> np.ndarray:
-        arrays = {k: jnp.asarray(batch[k]) for k in ("input_ids", "targets", "segment_ids", "positions")}
-        return np.asarray(self._logps(self.state, arrays), np.float32)
 
 
 def encode_pair(tokenizer, record: dict, seq_len: int, where: str):
@@ -119,8 +105,8 @@ def encode_pair(tokenizer, record: dict, seq_len: int, where: str):
 
 
 class DPOAssembler:
-    def __init__(self, tokenizer, recs: list[dict], reference: ReferenceLogps, *, seq_len: int, pad_id: int = 0):
-        self.tokenizer, self.records, self.reference = tokenizer, recs, reference
+    def __init__(self, tokenizer, recs: list[dict], *, seq_len: int, pad_id: int = 0):
+        self.tokenizer, self.records = tokenizer, recs
         self.seq_len, self.pad_id = seq_len, pad_id
         self._cache: dict[int, tuple | None] = {}
 
@@ -149,13 +135,12 @@ class DPOAssembler:
                 batch["targets"][r, side, :n] = targets
                 batch["segment_ids"][r, side, :n] = 1
                 batch["positions"][r, side, :n] = np.arange(n)
-        batch["ref_logps"] = self.reference(batch)
         return batch
 
 
-def make_source(config, tokenizer, ref_model):
+def make_source(config, tokenizer):
     pt = config.posttrain
     recs = records.load_records(pt.dataset, hf_split=pt.hf_split)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    assembler = DPOAssembler(tokenizer, recs, ReferenceLogps(ref_model), seq_len=config.seq_len, pad_id=pad)
+    assembler = DPOAssembler(tokenizer, recs, seq_len=config.seq_len, pad_id=pad)
     return records.make_source(len(recs), assembler, eval_fraction=pt.eval_fraction, seed=config.seed)

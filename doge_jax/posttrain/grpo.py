@@ -81,22 +81,18 @@ class RewardScorer:
         return rewards.score(texts, [self.records[int(i)] for i in index], self.names)
 
 
-def make_loss(*, scorer: RewardScorer, reward_weights, ref_model, group_size: int, max_new_tokens: int,
-              stop_tokens, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, clip_eps: float = 0.2,
+def make_loss(*, scorer: RewardScorer, reward_weights, group_size: int, max_new_tokens: int, stop_tokens,
+              temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, clip_eps: float = 0.2,
               kl_coef: float = 0.04):
-    """The trainer's loss_fn(model, batch, rng) for GRPO.
-
-    The reference's weights are captured as constants of the compiled step (fine for small models; see the
-    module notes in stages.py)."""
+    """The trainer's loss_fn(model, batch, rng, reference=frozen model) for GRPO. The Trainer passes the
+    reference with its parameters as a (sharded) argument of the step, not as constants of the program."""
     weights = jnp.asarray(reward_weights, jnp.float32)  # [R]
     if weights.shape != (len(scorer.names),):
         raise ValueError(f"grpo.reward_weights has {weights.shape[0]} entries for {len(scorer.names)} rewards")
-    ref_model.eval()
-    ref_graphdef, ref_state = nnx.split(ref_model)
     stops = jnp.asarray(sampler_lib.stop_array(stop_tokens))
     G = group_size
 
-    def loss_fn(model, batch: dict, rng: jax.Array):
+    def loss_fn(model, batch: dict, rng: jax.Array, *, reference):
         prompt_ids = jnp.repeat(batch["prompt_ids"], G, axis=0)  # [B, P], B = M·G, groups contiguous
         prompt_mask = jnp.repeat(batch["prompt_mask"], G, axis=0)
         index = jnp.repeat(batch["index"], G, axis=0)
@@ -114,8 +110,7 @@ def make_loss(*, scorer: RewardScorer, reward_weights, ref_model, group_size: in
         advantages = group_advantages(reward.reshape(-1, G)).reshape(B)
 
         logps = completion_logps(model, prompt_ids, prompt_mask, tokens, lengths)
-        ref_logps = jax.lax.stop_gradient(
-            completion_logps(nnx.merge(ref_graphdef, ref_state), prompt_ids, prompt_mask, tokens, lengths))
+        ref_logps = jax.lax.stop_gradient(completion_logps(reference, prompt_ids, prompt_mask, tokens, lengths))
         mask = jnp.arange(max_new_tokens)[None, :] < lengths[:, None]
         out = grpo_objective(logps, jax.lax.stop_gradient(logps), ref_logps, advantages, mask, clip_eps=clip_eps,
                              kl_coef=kl_coef)
@@ -166,14 +161,14 @@ class PromptAssembler:
         return batch
 
 
-def make_stage(config, tokenizer, ref_model):
+def make_stage(config, tokenizer):
     """(loss_fn, batch source) of a GRPO config."""
     pt, g = config.posttrain, config.grpo
     recs = records.load_records(pt.dataset, hf_split=pt.hf_split)
     names = [n.strip() for n in g.rewards.split(",") if n.strip()]
     weights = [float(w) for w in g.reward_weights.split(",") if w.strip()]
     stops = sorted({tokenizer.eos_token_id, tokenizer.get_vocab().get(chat.IM_END)} - {None})
-    loss_fn = make_loss(scorer=RewardScorer(tokenizer, recs, names), reward_weights=weights, ref_model=ref_model,
+    loss_fn = make_loss(scorer=RewardScorer(tokenizer, recs, names), reward_weights=weights,
                         group_size=g.group_size, max_new_tokens=g.max_new_tokens, stop_tokens=stops,
                         temperature=g.temperature, top_k=g.top_k, top_p=g.top_p, clip_eps=g.clip_eps,
                         kl_coef=g.kl_coef)

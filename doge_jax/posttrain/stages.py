@@ -12,8 +12,9 @@ The tokenizer is the init checkpoint's own (WORKDIR/tokenizer) when it has one, 
 the stage sets its chat template (`posttrain.chat_template`) and makes <|im_end|> its eos, and the Trainer saves
 it into the new WORKDIR/tokenizer, which `convert to-hf` ships with the model.
 
-GRPO captures the reference weights as constants of the compiled train step: fine up to tens of millions of
-parameters (the presets here); larger models want the trainer to pass frozen weights as a step argument.
+DPO and GRPO hand the reference to the Trainer as `frozen={"reference": checkpoint}`: it is loaded sharded by
+the policy's logical-axis rules and is an argument of the jitted step (never constants baked into the program),
+so it scales with the mesh like the policy does.
 """
 
 from __future__ import annotations
@@ -97,7 +98,8 @@ def load_stage_tokenizer(config):
         raise _error(e) from None
 
 
-def _reference(config):
+def _reference(config) -> str:
+    """The frozen reference's checkpoint path, checked now (the Trainer loads it onto the mesh)."""
     from doge_jax import checkpoint as ckpt
 
     path = config.posttrain.reference or config.init_from
@@ -105,9 +107,10 @@ def _reference(config):
         raise _error(f"config.stage={config.stage!r} needs a frozen reference: set config.init_from (the previous "
                      "stage's workdir) or config.posttrain.reference")
     try:
-        return ckpt.load_model(path)
+        ckpt.load_config(ckpt.resolve(path))
     except (FileNotFoundError, ValueError) as e:
         raise _error(f"config.posttrain.reference: {e}") from None
+    return path
 
 
 def check(config) -> None:
@@ -148,7 +151,7 @@ def check(config) -> None:
 
 
 def trainer_kwargs(config) -> dict:
-    """The Trainer's loss_fn / batch_source / tokenizer for config.stage ({} for pretraining)."""
+    """The Trainer's loss_fn / batch_source / tokenizer (/ frozen) for config.stage ({} for pretraining)."""
     check(config)
     stage = config.get("stage", "pretrain")
     if stage == "pretrain":
@@ -160,17 +163,17 @@ def trainer_kwargs(config) -> dict:
 
             return {"loss_fn": sft.sft_loss, "batch_source": sft.make_source(config, tokenizer),
                     "tokenizer": tokenizer}
-        ref_model = _reference(config)
+        frozen = {"reference": _reference(config)}
         if stage == "dpo":
             from doge_jax.posttrain import dpo
 
             loss_fn = dpo.make_loss(beta=config.dpo.beta, loss_type=config.dpo.loss_type,
                                     label_smoothing=config.dpo.label_smoothing)
-            return {"loss_fn": loss_fn, "batch_source": dpo.make_source(config, tokenizer, ref_model),
-                    "tokenizer": tokenizer}
+            return {"loss_fn": loss_fn, "batch_source": dpo.make_source(config, tokenizer), "tokenizer": tokenizer,
+                    "frozen": frozen}
         from doge_jax.posttrain import grpo
 
-        loss_fn, source = grpo.make_stage(config, tokenizer, ref_model)
-        return {"loss_fn": loss_fn, "batch_source": source, "tokenizer": tokenizer}
+        loss_fn, source = grpo.make_stage(config, tokenizer)
+        return {"loss_fn": loss_fn, "batch_source": source, "tokenizer": tokenizer, "frozen": frozen}
     except ValueError as e:
         raise _error(e) from None

@@ -4,7 +4,10 @@
     Trainer(config, workdir).run()                                   # pretraining, as `python -m doge_jax.train`
     Trainer(config, workdir, loss_fn=my_loss, batch_source=my_batches, tokenizer=tok).run()   # SFT / DPO / ...
 
-A loss function is `loss_fn(model, micro_batch, rng) -> (loss, metrics)`; see `step.py`. A batch source is
+A loss function is `loss_fn(model, micro_batch, rng, **frozen) -> (loss, metrics)`, where `frozen` are the
+models named by `Trainer(..., frozen={"reference": CKPT})` (arguments of the jitted step); see `step.py`.
+`Trainer.lower_train_step(batch_shapes)` lowers the step without data or state (benchmarks/memory_table.py
+compiles it for the per-device memory). A batch source is
 `make(split=, shard_index=, shard_count=, rows=, num_batches=) -> iterator of dicts of numpy [rows, ...]`
 with get_state()/set_state(); see `batches.py`.
 """

@@ -1,7 +1,8 @@
 """The Trainer: sets a run up on a mesh, starts or resumes it, and runs the train loop.
 
     Trainer(config, workdir).run()                               # pretraining (doge_jax.train)
-    Trainer(config, workdir, loss_fn=dpo_loss, batch_source=pairs, tokenizer=tok).run()   # a later stage
+    Trainer(config, workdir, loss_fn=dpo_loss, batch_source=pairs, tokenizer=tok,
+            frozen={"reference": REF_CKPT}).run()                                          # a later stage
 
 Where a run starts, in order: the latest checkpoint in WORKDIR (automatic resume: params, optimizer, step,
 RNG, data position); else `config.resume_from` (the same, from another run: branch a decay off a stable-phase
@@ -31,6 +32,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from doge_jax import checkpoint as ckpt
+from doge_jax.kernels import target
 from doge_jax.model import decoder as model_lib
 from doge_jax.parallel import sharding as sh
 from doge_jax.trainer import checkpointing, flops, metrics, optim, step as step_lib, validate
@@ -74,14 +76,19 @@ def _concrete(state) -> dict:
 class Trainer:
 
     def __init__(self, config, workdir: str, *, loss_fn: step_lib.LossFn | None = None,
-                 batch_source: BatchSource | None = None, tokenizer=None, mesh=None):
+                 batch_source: BatchSource | None = None, tokenizer=None, mesh=None,
+                 frozen: dict[str, str] | None = None):
         """config: the ml_collections config (configs/base.py); workdir: where checkpoints, the tokenizer and
-        the logs go. loss_fn(model, micro_batch, rng) -> (loss, metrics) and batch_source (see batches.py)
-        replace pretraining's; tokenizer is saved into WORKDIR/tokenizer (default: config.data.tokenizer)."""
+        the logs go. loss_fn(model, micro_batch, rng, **frozen models) -> (loss, metrics) and batch_source (see
+        batches.py) replace pretraining's; tokenizer is saved into WORKDIR/tokenizer (default:
+        config.data.tokenizer). frozen: {loss_fn keyword: checkpoint} of models the loss reads but does not
+        train (the DPO / GRPO reference): architecture from the checkpoint, runtime fields from config.model,
+        parameters loaded sharded by the policy's rules and passed to the jitted step as an argument."""
         self.config = config
         self.workdir = os.path.abspath(os.path.expanduser(workdir))
         self.loss_fn = loss_fn or functools.partial(step_lib.pretrain_loss, z_loss_coef=config.z_loss_coef)
         self._batch_source, self.tokenizer, self._mesh = batch_source, tokenizer, mesh
+        self._frozen_paths = dict(frozen or {})
         validate.check(config, validate.model_config(config.model))
         self._stop_requested = False
         self.stopped = False  # set by run(): stopped by SIGTERM / preemption rather than finished
@@ -191,6 +198,28 @@ class Trainer:
                                "step": self.replicated, "rng": self.replicated}
         self.abstract_opt = abstract_opt
         self.batch_sharding = microbatch_sharding(self.mesh)
+        self._setup_frozen()
+
+    def _setup_frozen(self):
+        """Each frozen model in eval mode, abstract: its graphdef, and its params' shapes and shardings."""
+        self.frozen_defs, self.frozen_abstract, self.frozen_sharding, self._frozen_refs = {}, {}, {}, {}
+        for name, path in self._frozen_paths.items():
+            try:
+                ref = ckpt.resolve(path)
+                model_cfg = validate.with_runtime_fields(ckpt.load_config(ref), self.config.model)
+            except (FileNotFoundError, ValueError) as e:
+                raise ConfigError(f"frozen model {name!r} ({path}): {e}") from None
+            model = model_lib.abstract_model(model_cfg)
+            model.eval()
+            graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+            self.frozen_defs[name] = (graphdef, _concrete(rest))
+            self.frozen_sharding[name] = nnx.to_pure_dict(sh.state_shardings(params, self.mesh))
+            self.frozen_abstract[name] = nnx.to_pure_dict(params)
+            self._frozen_refs[name] = ref
+
+    def _load_frozen(self) -> dict:
+        return {name: ckpt.load_params(ref, self.frozen_abstract[name], self.frozen_sharding[name])
+                for name, ref in self._frozen_refs.items()}
 
     # ------------------------------------------------------------------------------------------------ the state
     def _init_state(self) -> dict:
@@ -217,10 +246,8 @@ class Trainer:
                 "rng": self._replicated_array(jax.device_get(rng))}
 
     def _restore(self, ref) -> dict:
-        sds = lambda tree, shardings: jax.tree.map(  # noqa: E731
-            lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
-        target = {"params": sds(self.abstract_params, self.param_sharding),
-                  "opt_state": sds(self.abstract_opt, self.state_sharding["opt_state"])}
+        target = {"params": _sds(self.abstract_params, self.param_sharding),
+                  "opt_state": _sds(self.abstract_opt, self.state_sharding["opt_state"])}
         restored, meta = checkpointing.restore(ref, target)
         return {**restored, "step": self._replicated_array(np.int32(meta["step"])),
                 "rng": self._replicated_array(np.asarray(meta["rng"], np.uint32))}
@@ -267,6 +294,7 @@ class Trainer:
         self._save_tokenizer()
         batches = self._train_batches()
         state = self._start_state()
+        self.frozen_params = self._load_frozen()
         self._compile_steps()
         run = _RunState(start=int(state["step"]), last_saved=None)
         run.last_saved = run.start if self.start_kind == "resume" else None
@@ -324,15 +352,40 @@ class Trainer:
 
     def _compile_steps(self) -> None:
         train_step = step_lib.make_train_step(self.graphdef, _concrete(self.rest_abstract), self.tx, self.schedule,
-                                              self.loss_fn)
-        self.train_step = _traced_under_mesh(
-            jax.jit(train_step, in_shardings=(self.state_sharding, self.batch_sharding),
-                    out_shardings=(self.state_sharding, self.replicated), donate_argnums=0), self.mesh)
-        eval_step = step_lib.make_eval_step(self.eval_graphdef, _concrete(self.rest_abstract), self.loss_fn)
-        self.eval_step = _traced_under_mesh(
-            jax.jit(lambda p, b: eval_step(p, jax.tree.map(lambda x: x[0], b)),
-                    in_shardings=(self.param_sharding, self.batch_sharding), out_shardings=self.replicated),
-            self.mesh)
+                                              self.loss_fn, self.frozen_defs)
+        self.jitted_train_step = jax.jit(
+            train_step, in_shardings=(self.state_sharding, self.batch_sharding, self.frozen_sharding),
+            out_shardings=(self.state_sharding, self.replicated), donate_argnums=0)
+        train_step = _traced_under_mesh(self.jitted_train_step, self.mesh)
+        self.train_step = lambda state, batch: train_step(state, batch, self.frozen_params)
+        eval_step = step_lib.make_eval_step(self.eval_graphdef, _concrete(self.rest_abstract), self.loss_fn,
+                                            self.frozen_defs)
+        eval_step = _traced_under_mesh(
+            jax.jit(lambda p, b, f: eval_step(p, jax.tree.map(lambda x: x[0], b), f),
+                    in_shardings=(self.param_sharding, self.batch_sharding, self.frozen_sharding),
+                    out_shardings=self.replicated), self.mesh)
+        self.eval_step = lambda params, batch: eval_step(params, batch, self.frozen_params)
+
+    def lower_train_step(self, batch: dict, *, platform: str | None = None) -> jax.stages.Lowered:
+        """The run set up (no data read, no state allocated) and its train step lowered for abstract inputs:
+        batch {name: ShapeDtypeStruct [A, M, ...]} (global shapes; placed like real batches). Compile it for the
+        per-device memory (`.compile().memory_analysis()`, benchmarks/memory_table.py) or read its HLO.
+        `platform` ('cuda', 'tpu'): lower for that platform instead of this host's, the kernels traced for it
+        (doge_jax.kernels.target), so what comes out is what a run there compiles (doge_jax.trainer.lowering)."""
+        self._setup()
+        self._compile_steps()
+        key_data = jax.eval_shape(lambda: jax.random.key_data(jax.random.key(0)))
+        state = {"params": _sds(self.abstract_params, self.param_sharding),
+                 "opt_state": _sds(self.abstract_opt, self.state_sharding["opt_state"]),
+                 "step": jax.ShapeDtypeStruct((), jnp.int32, sharding=self.replicated),
+                 "rng": jax.ShapeDtypeStruct(key_data.shape, key_data.dtype, sharding=self.replicated)}
+        batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=self.batch_sharding) for k, v in batch.items()}
+        frozen = _sds(self.frozen_abstract, self.frozen_sharding)
+        if platform is None:
+            with jax.set_mesh(self.mesh):
+                return self.jitted_train_step.lower(state, batch, frozen)
+        with target.lowering_for(platform), jax.set_mesh(self.mesh):
+            return self.jitted_train_step.trace(state, batch, frozen).lower(lowering_platforms=(platform,))
 
     def _open_log(self, run: "_RunState") -> None:
         cfg = self.config
@@ -455,6 +508,11 @@ class _RunState:
 
     def __post_init__(self):
         self.clock_step = self.start
+
+
+def _sds(tree, shardings):
+    """Abstract arrays [shape, dtype] of `tree` with the matching `shardings` attached."""
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
 
 
 def _traced_under_mesh(fn, mesh):

@@ -1,11 +1,10 @@
 """The full sharded train step, lowered for a platform this host may not have, and what its module holds.
 
-    step, state, batch = abstract_train_step(config, mesh)          # ShapeDtypeStructs with shardings
     text = lower_train_step(config, mesh, "tpu")                      # StableHLO, nothing allocated or compiled
     report = kernel_report(text)                                      # the kernel calls and where they sit
 
-The step is the trainer's own (`make_train_step`, jitted with the state/batch shardings `Trainer._setup` uses,
-traced under `jax.set_mesh`), so what lowers here is what a run on that mesh would compile. Lowering for a GPU or
+The step is the trainer's own (`Trainer.lower_train_step`: the state/batch shardings of its setup, traced under
+`jax.set_mesh`), so what lowers here is what a run on that mesh would compile. Lowering for a GPU or
 TPU from a CPU host runs inside `doge_jax.kernels.target.lowering_for(platform)`, so that the kernels emit their
 real custom calls rather than interpret mode. The checks read the StableHLO text, which is partitioned only
 later (by the target's compiler), so "where a kernel sits" means: inside an `sdy.manual_computation` (the
@@ -15,20 +14,12 @@ shard_map) whose operands are split as the per-shard kernel expects.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import re
+import tempfile
 
 import jax
 import jax.numpy as jnp
-import optax
-from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec as P
 
-from doge_jax.kernels import target
-from doge_jax.model import decoder as model_lib
-from doge_jax.parallel import sharding as sh
-from doge_jax.trainer import optim, step as step_lib, validate
-from doge_jax.trainer.batches import microbatch_sharding
 
 # The custom-call targets of the Pallas kernels, by platform.
 KERNEL_TARGETS = {"cuda": ("__gpu$xla.gpu.triton",), "tpu": ("tpu_custom_call",)}
@@ -36,45 +27,26 @@ COLLECTIVES = ("all_gather", "all_reduce", "reduce_scatter", "all_to_all", "coll
                "collective_broadcast")
 
 
-def abstract_train_step(config, mesh):
-    """(jitted train step, abstract state, abstract batch) of `config` on `mesh`, shardings as the Trainer's.
+def batch_shapes(config) -> dict:
+    """The abstract global batch of one step: [grad_accum_steps, batch_size / grad_accum_steps, seq_len] int32."""
+    shape = (config.grad_accum_steps, config.batch_size // config.grad_accum_steps, config.seq_len)
+    return {name: jax.ShapeDtypeStruct(shape, jnp.int32) for name in ("input_ids", "targets", "segment_ids",
+                                                                      "positions")}
 
-    The batch is one micro-batch per step ([1, batch_size, seq_len] int32 ids/targets/segments/positions)."""
-    model_cfg = validate.model_config(config.model)
-    model = model_lib.abstract_model(model_cfg)
-    model.train()
-    graphdef, abstract_params, rest = nnx.split(model, nnx.Param, ...)
-    if jax.tree.leaves(nnx.to_pure_dict(rest)):
-        raise ValueError("abstract_train_step: a model with dropout RNG state is not supported here "
-                         "(config.model.attention_dropout / hidden_dropout must be 0)")
-    replicated = NamedSharding(mesh, P())
-    param_sharding = nnx.to_pure_dict(sh.state_shardings(abstract_params, mesh))
-    params = nnx.to_pure_dict(abstract_params)
-    tx, schedule = optim.make_optimizer(config)
-    opt = jax.eval_shape(tx.init, params)
-    opt_sharding = optax.tree_map_params(tx, lambda _, s: s, opt, param_sharding,
-                                         transform_non_params=lambda _: replicated)
-    state_sharding = {"params": param_sharding, "opt_state": opt_sharding, "step": replicated, "rng": replicated}
-    key_data = jax.eval_shape(lambda: jax.random.key_data(jax.random.key(0)))
-    state = {"params": params, "opt_state": opt, "step": jax.ShapeDtypeStruct((), jnp.int32), "rng": key_data}
-    state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, state_sharding)
-    rows_sharding = microbatch_sharding(mesh)
-    batch = {name: jax.ShapeDtypeStruct((1, config.batch_size, config.seq_len), jnp.int32, sharding=rows_sharding)
-             for name in ("input_ids", "targets", "segment_ids", "positions")}
-    loss_fn = functools.partial(step_lib.pretrain_loss, z_loss_coef=config.z_loss_coef)
-    train_step = step_lib.make_train_step(graphdef, {}, tx, schedule, loss_fn)
-    jitted = jax.jit(train_step, in_shardings=(state_sharding, rows_sharding),
-                     out_shardings=(state_sharding, replicated), donate_argnums=0)
-    return jitted, state, batch
+
+def lowered_train_step(config, mesh, platform: str | None = None) -> jax.stages.Lowered:
+    """`config`'s train step on `mesh`, set up by the Trainer itself (in a scratch workdir: nothing is written
+    that outlives the call) and lowered for `platform` (None: this host)."""
+    from doge_jax.trainer.loop import Trainer
+
+    with tempfile.TemporaryDirectory(prefix="doge-lowering-") as workdir:
+        return Trainer(config, workdir, mesh=mesh).lower_train_step(batch_shapes(config), platform=platform)
 
 
 def lower_train_step(config, mesh, platform: str) -> str:
     """The StableHLO text of `config`'s sharded train step on `mesh`, lowered for `platform` ('cuda', 'tpu',
     'cpu'), with the kernels traced for that platform. Allocates nothing and compiles nothing."""
-    with target.lowering_for(platform), jax.set_mesh(mesh):
-        step, state, batch = abstract_train_step(config, mesh)
-        lowered = step.trace(state, batch).lower(lowering_platforms=(platform,))
-    return lowered.as_text()
+    return lowered_train_step(config, mesh, platform).as_text()
 
 
 @dataclasses.dataclass
@@ -147,9 +119,7 @@ def compile_on_host(config, mesh) -> str:
     """The compiled (partitioned) HLO text of the same sharded step for this host's devices, kernels in
     interpret mode: what the SPMD partitioner inserts around each shard_map is decided before any backend
     code, so the collectives read here are those a GPU/TPU compile inserts around the kernel calls."""
-    with jax.set_mesh(mesh):
-        step, state, batch = abstract_train_step(config, mesh)
-        return step.trace(state, batch).lower().compile().as_text()
+    return lowered_train_step(config, mesh).compile().as_text()
 
 
 _HLO_COLLECTIVE = re.compile(r"= (?P<type>\([^=]*?\)|\S+) (?P<op>all-gather|all-reduce|reduce-scatter|all-to-all|"

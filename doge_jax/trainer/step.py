@@ -2,12 +2,16 @@
 
 A loss function is the only thing a training stage supplies:
 
-    loss_fn(model, batch, rng) -> (loss, metrics)
+    loss_fn(model, batch, rng, **frozen) -> (loss, metrics)
 
 `batch` is one micro-batch (dict of arrays [M, ...]), `rng` a fresh key per micro-batch and step, `loss` a
 scalar mean over the micro-batch and `metrics` a dict of scalars. If `metrics["weight"]` is present (e.g. the
 number of target tokens), micro-batches are combined weighted by it, so gradient accumulation gives exactly
 the gradient of the whole batch's token mean; otherwise every micro-batch weighs 1.
+
+`frozen`: models the loss reads but does not train (the DPO / GRPO reference), one keyword each, in eval mode.
+Their parameters are an argument of the jitted step (`frozen_params`, sharded like the policy's by the
+Trainer), never constants baked into the compiled program; no gradient is taken with respect to them.
 
 The train state is a dict of arrays: params (the NNX Param state as a pure dict, float32 master weights),
 opt_state (optax), step (int32, updates done) and rng (raw key data of the run's base key).
@@ -24,7 +28,8 @@ from flax import nnx
 
 from doge_jax.model.loss import token_cross_entropy
 
-LossFn = Callable[[nnx.Module, dict, jax.Array], tuple[jax.Array, dict]]
+LossFn = Callable[..., tuple[jax.Array, dict]]  # (model, batch, rng, **frozen models) -> (loss, metrics)
+FrozenDefs = dict[str, tuple[Any, Any]]  # loss_fn keyword -> (graphdef, non-Param state) of a frozen model
 WEIGHT = "weight"
 
 
@@ -60,11 +65,13 @@ def _model(graphdef, params, rest, rng=None):
     return model
 
 
-def _weighted(loss_fn: LossFn, graphdef, rest):
-    """params, micro-batch, rng → (weight·loss, (loss, metrics, weight)): the function we differentiate."""
+def _weighted(loss_fn: LossFn, graphdef, rest, frozen: FrozenDefs):
+    """params, micro-batch, rng, frozen_params → (weight·loss, (loss, metrics, weight)): what we differentiate
+    (with respect to params only)."""
 
-    def f(params, batch, rng):
-        loss, metrics = loss_fn(_model(graphdef, params, rest, rng), batch, rng)
+    def f(params, batch, rng, frozen_params):
+        models = {name: nnx.merge(g, frozen_params[name], r) for name, (g, r) in frozen.items()}
+        loss, metrics = loss_fn(_model(graphdef, params, rest, rng), batch, rng, **models)
         metrics = dict(metrics)
         weight = jnp.asarray(metrics.pop(WEIGHT, 1.0), jnp.float32)
         return loss * weight, (loss, metrics, weight)
@@ -72,15 +79,20 @@ def _weighted(loss_fn: LossFn, graphdef, rest):
     return f
 
 
-def make_train_step(graphdef, rest, tx: optax.GradientTransformation, schedule: Callable, loss_fn: LossFn):
-    """The train step: state, batch (dict of [A, M, ...]: A micro-batches of M rows) → (new state, metrics).
+def make_train_step(graphdef, rest, tx: optax.GradientTransformation, schedule: Callable, loss_fn: LossFn,
+                    frozen: FrozenDefs | None = None):
+    """The train step: state, batch (dict of [A, M, ...]: A micro-batches of M rows), frozen_params ({name:
+    params} for `frozen`'s models; default none) → (new state, metrics).
 
     Gradients accumulate over the A micro-batches in a `lax.scan` (A = 1 is one micro-batch), then one
     clipped AdamW update. Metrics: loss and the loss_fn's metrics (weighted means over the batch), grad_norm
     (before clipping), lr (of this update), weight (the summed weights, e.g. target tokens)."""
-    weighted = jax.value_and_grad(_weighted(loss_fn, graphdef, rest), has_aux=True)
+    frozen = frozen or {}
+    weighted_fn = _weighted(loss_fn, graphdef, rest, frozen)
+    weighted = jax.value_and_grad(weighted_fn, has_aux=True)
 
-    def train_step(state: dict, batch: dict) -> tuple[dict, dict]:
+    def train_step(state: dict, batch: dict, frozen_params: dict | None = None) -> tuple[dict, dict]:
+        frozen_params = {} if frozen_params is None else frozen_params
         params, step = state["params"], state["step"]
         key = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), step)
         num_micro = jax.tree.leaves(batch)[0].shape[0]
@@ -88,14 +100,14 @@ def make_train_step(graphdef, rest, tx: optax.GradientTransformation, schedule: 
         def micro(carry, xs):
             grads_sum, metrics_sum, weight_sum = carry
             mb, i = xs
-            (_, (loss, metrics, weight)), grads = weighted(params, mb, jax.random.fold_in(key, i))
+            (_, (loss, metrics, weight)), grads = weighted(params, mb, jax.random.fold_in(key, i), frozen_params)
             metrics = {"loss": loss, **metrics}
             grads_sum = jax.tree.map(lambda a, g: a + g, grads_sum, grads)
             metrics_sum = jax.tree.map(lambda a, m: a + weight * m, metrics_sum, metrics)
             return (grads_sum, metrics_sum, weight_sum + weight), None
 
         first = jax.tree.map(lambda x: x[0], batch)
-        _, (_, metrics_shape, _) = jax.eval_shape(_weighted(loss_fn, graphdef, rest), params, first, key)
+        _, (_, metrics_shape, _) = jax.eval_shape(weighted_fn, params, first, key, frozen_params)
         zeros = lambda tree: jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), tree)  # noqa: E731
         init = (zeros(params), zeros({"loss": jax.ShapeDtypeStruct((), jnp.float32), **metrics_shape}),
                 jnp.zeros((), jnp.float32))
@@ -113,12 +125,13 @@ def make_train_step(graphdef, rest, tx: optax.GradientTransformation, schedule: 
     return train_step
 
 
-def make_eval_step(graphdef, rest, loss_fn: LossFn):
-    """params, batch [M, ...] → weighted sums {loss·w, metric·w, ..., weight}; the caller divides."""
-    weighted = _weighted(loss_fn, graphdef, rest)
+def make_eval_step(graphdef, rest, loss_fn: LossFn, frozen: FrozenDefs | None = None):
+    """params, batch [M, ...], frozen_params → weighted sums {loss·w, metric·w, ..., weight}; the caller divides."""
+    weighted = _weighted(loss_fn, graphdef, rest, frozen or {})
 
-    def eval_step(params: dict, batch: dict) -> dict[str, Any]:
-        _, (loss, metrics, weight) = weighted(params, batch, jax.random.key(0))
+    def eval_step(params: dict, batch: dict, frozen_params: dict | None = None) -> dict[str, Any]:
+        _, (loss, metrics, weight) = weighted(params, batch, jax.random.key(0),
+                                              {} if frozen_params is None else frozen_params)
         sums = {k: weight * v for k, v in {"loss": loss, **metrics}.items()}
         sums[WEIGHT] = weight
         return sums
