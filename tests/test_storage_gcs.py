@@ -17,8 +17,8 @@ import gcs_emulator
 import train_harness as th
 
 BUCKET = "doge"
-TOTAL = 8
-COMMON = dict(total_steps=TOTAL, checkpoint__every_steps=2, eval_every=4, eval_batches=1, tensorboard=True,
+TOTAL = 6
+COMMON = dict(total_steps=TOTAL, checkpoint__every_steps=2, eval_every=3, eval_batches=1, tensorboard=True,
               data__source="jsonl", data__eval_fraction=0.05)
 
 
@@ -81,7 +81,7 @@ def test_train_kill9_resume_export_and_load_on_gs(gcs, tmp_path):
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     assert f"resuming {run}/checkpoints/{killed_at}" in resumed.stdout
     assert reference.wait(timeout=300) == 0, reference.stdout.read()
-    assert not os.path.exists(os.path.join(th.REPO, "gs:")) and not os.path.exists(os.path.join(th.REPO, "gs:"))
+    assert not os.path.exists(os.path.join(th.REPO, "gs:"))
 
     a, b = th.read_records(local), _gs_losses(gcs, "run")
     assert [r["step"] for r in b] == [r["step"] for r in a] == list(range(1, TOTAL + 1))
@@ -92,21 +92,26 @@ def test_train_kill9_resume_export_and_load_on_gs(gcs, tmp_path):
     assert "run/loss.png" in names and "run/tokenizer/tokenizer.json" in names
     assert any(n.startswith("run/tensorboard/events.out.tfevents") for n in names)
 
-    # Export from gs:// to a local folder and to gs://; load_model from gs:// equals the local run's model.
-    hf_dir = str(tmp_path / "hf")
-    for out in (hf_dir, f"gs://{BUCKET}/export"):
-        exported = _run(["-m", "convert", "to-hf", "--checkpoint", run, "--out", out], env)
-        assert exported.returncode == 0, exported.stdout + exported.stderr
-    assert {f"export/{n}" for n in ("config.json", "model.safetensors", "tokenizer.json")} <= set(gcs.names(BUCKET))
+    # Export from gs:// to gs://, read back over the emulator's own API; load_model from gs:// equals the local
+    # run's model exactly.
+    exported = _run(["-m", "convert", "to-hf", "--checkpoint", run, "--out", f"gs://{BUCKET}/export"], env)
+    assert exported.returncode == 0, exported.stdout + exported.stderr
+    hf_dir = tmp_path / "hf"
+    hf_dir.mkdir()
+    for name in gcs.names(BUCKET, "export/"):
+        (hf_dir / name.split("/", 1)[1]).write_bytes(gcs.read(BUCKET, name))
+    assert {"config.json", "model.safetensors", "tokenizer.json", "generation_config.json"} <= set(os.listdir(hf_dir))
     ids = [[1, 42, 7, 99, 3, 250]]
     script = ("import sys, numpy as np, jax.numpy as jnp, doge_jax; "
               "m = doge_jax.load_model(sys.argv[1]); "
               f"np.save(sys.argv[2], np.asarray(m(jnp.array({ids})).logits))")
-    for where, name in ((run, "gs.npy"), (local, "local.npy")):
-        loaded = _run(["-c", script, where, str(tmp_path / name)], env)
-        assert loaded.returncode == 0, loaded.stderr
-    from_gs, from_local = np.load(tmp_path / "gs.npy"), np.load(tmp_path / "local.npy")
-    np.testing.assert_array_equal(from_gs, from_local)
+    loaded = _run(["-c", script, run, str(tmp_path / "gs.npy")], env)
+    assert loaded.returncode == 0, loaded.stderr
+    import doge_jax
+    import jax.numpy as jnp
+
+    from_gs = np.load(tmp_path / "gs.npy")
+    np.testing.assert_array_equal(from_gs, np.asarray(doge_jax.load_model(local)(jnp.array(ids)).logits))
 
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -125,25 +130,49 @@ def test_train_kill9_resume_export_and_load_on_gs(gcs, tmp_path):
     assert AutoTokenizer.from_pretrained(hf_dir)(text)["input_ids"] == trained[:-1].tolist()  # EOS ends a document
 
 
-@pytest.mark.parametrize("workdir, data_path, expect", [
-    ("s3://bucket/run", "corpus/part-*.jsonl", "--workdir='s3://bucket/run': the scheme s3:// is not supported"),
-    ("gs://no-such-bucket/run", "corpus/part-*.jsonl", "--workdir='gs://no-such-bucket/run': the bucket"),
-    ("gs://doge/bad", "gs://doge/nothing/*.jsonl", "config.data.path='gs://doge/nothing/*.jsonl' matched no files"),
-    ("gs://doge/bad", "gs://doge/corpus/part-*.jsonl", "config.data.text_field='body' absent"),
-])
-def test_bad_storage_input_is_one_line_and_writes_nothing(gcs, tmp_path, workdir, data_path, expect):
-    gcs.upload(BUCKET, "corpus/part-0.jsonl", b'{"text": "hello there"}\n' * 50)
-    if not data_path.startswith("gs://"):
-        (tmp_path / "corpus").mkdir()
-        (tmp_path / "corpus" / "part-0.jsonl").write_bytes(b'{"text": "hello there"}\n' * 50)
-        data_path = str(tmp_path / data_path)
-    extra = {"data__text_field": "body"} if "text_field" in expect else {}
-    args = th.cli_args(data_path, workdir, **{**COMMON, **extra})
+def test_unsupported_scheme_is_one_line_from_the_cli(gcs, tmp_path):
+    args = th.cli_args(str(tmp_path / "none.jsonl"), "s3://bucket/run", **COMMON)
     args[2] = f"--config={th.REPO}/configs/doge_tiny.py"  # run from tmp_path: a stray local folder would show there
     result = subprocess.run([sys.executable] + args, cwd=tmp_path, env={**gcs.env(), "PYTHONPATH": th.REPO},
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 2, result.stdout + result.stderr
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and expect in errors[0], result.stderr
-    assert gcs.names(BUCKET, "bad/") == [] and gcs.names(BUCKET, "run/") == gcs.names(BUCKET, "run/")
-    assert not any(p.name.startswith(("s3:", "gs:")) for p in tmp_path.iterdir())
+    assert errors == ["error: --workdir='s3://bucket/run': the scheme s3:// is not supported (a local path or "
+                      "gs://bucket/...)"], result.stderr
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.fixture
+def emulated(gcs, monkeypatch):
+    """This process pointed at the emulator the way doge-jax's import does it (STORAGE_EMULATOR_HOST alone)."""
+    from doge_jax import storage
+
+    for key in ("TENSORSTORE_GCS_HTTP_URL", "GOOGLE_AUTH_TOKEN_FOR_TESTING", "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("STORAGE_EMULATOR_HOST", gcs.url)
+    storage._configure_emulator()
+    return gcs
+
+
+@pytest.mark.parametrize("workdir, data_path, expect", [
+    ("gs://no-such-bucket/run", "LOCAL", "--workdir='gs://no-such-bucket/run': the bucket 'gs://no-such-bucket' does"),
+    ("gs://doge/bad", "gs://doge/nothing/*.jsonl", "config.data.path='gs://doge/nothing/*.jsonl' matched no files"),
+    ("gs://doge/bad", "gs://doge/corpus/part-*.jsonl", "config.data.text_field='body' absent"),
+    ("LOCAL/run", "gs://other-bucket/x/*.jsonl", "config.data.path='gs://other-bucket/x/*.jsonl': the bucket"),
+])
+def test_bad_storage_input_is_one_line_and_writes_nothing(emulated, tmp_path, workdir, data_path, expect):
+    from doge_jax.errors import ConfigError
+    from doge_jax.trainer import Trainer
+
+    emulated.upload(BUCKET, "corpus/part-0.jsonl", b'{"text": "hello there"}\n' * 50)
+    (tmp_path / "part-0.jsonl").write_bytes(b'{"text": "hello there"}\n' * 50)
+    data_path = data_path.replace("LOCAL", str(tmp_path / "part-0.jsonl"))
+    workdir = workdir.replace("LOCAL", str(tmp_path))
+    extra = {"data__text_field": "body"} if "text_field" in expect else {}
+    config = th.tiny_config(data_path, **{**COMMON, **extra})
+    before = emulated.names(BUCKET)
+    with pytest.raises(ConfigError) as e:
+        Trainer(config, workdir).run()
+    assert expect in str(e.value) and "\n" not in str(e.value)
+    assert emulated.names(BUCKET) == before
+    assert sorted(os.listdir(tmp_path)) == ["part-0.jsonl"]

@@ -16,8 +16,9 @@ processes can take them.
   arrayrecord token-id shards written by `python -m doge_jax.data.pretokenize`.
   hf          datasets.load_dataset(..., streaming=True): not random access, see `_stream.py`.
 
-Paths and globs may be gs:// URLs (doge_jax.storage): text, jsonl and parquet are read through epath (jsonl
-with range reads), ArrayRecord shards are copied to a local cache first (their C++ reader opens local files).
+Paths and globs may be gs:// URLs (doge_jax.storage): text and parquet are read through epath, jsonl files and
+ArrayRecord shards are copied to a local cache first (`storage.local_copy`: jsonl is read by byte offset, one
+small read per document, and ArrayRecord's C++ reader opens local files only).
 """
 
 from __future__ import annotations
@@ -112,10 +113,12 @@ class _JsonlFile(Sequence):
     """The `text_field` of each non-blank line of a .jsonl file, parsed on access."""
 
     def __init__(self, path: str, text_field: str):
+        self._name = path
+        path = storage.local_copy(path)  # gs://: one download to the local cache, then local random access
         self._path, self._text_field = path, text_field
         self._file = None  # an open handle, per process (dropped when pickled for grain workers)
         newlines, size = [], 0
-        with storage.open_file(path) as f:  # scan in chunks: only the line offsets are kept
+        with open(path, "rb") as f:  # scan in chunks: only the line offsets are kept
             while chunk := f.read(1 << 26):
                 newlines.append(np.flatnonzero(np.frombuffer(chunk, np.uint8) == ord("\n")) + size)
                 size += len(chunk)
@@ -124,7 +127,7 @@ class _JsonlFile(Sequence):
         ends = np.concatenate([newlines, [size]]).astype(np.int64)
         # Blank lines are not documents. A JSON object line is never this short, so only short lines are read.
         nonblank = (ends - starts) > 8
-        with storage.open_file(path) as f:
+        with open(path, "rb") as f:
             for j in np.flatnonzero(~nonblank):
                 f.seek(starts[j])
                 nonblank[j] = bool(f.read(ends[j] - starts[j]).strip())
@@ -140,30 +143,30 @@ class _JsonlFile(Sequence):
 
     def __getitem__(self, i):
         start, end = int(self._starts[i]), int(self._ends[i])
-        if self._file is None:  # one handle: on gs:// each read is then one ranged request, not a new session
-            self._file = storage.open_file(self._path)
+        if self._file is None:  # one handle per process, not an open() per document
+            self._file = open(self._path, "rb")
         self._file.seek(start)
         line = self._file.read(end - start)
         try:
             row = json.loads(line)
         except json.JSONDecodeError as e:
-            raise ConfigError(f"config.data.path={self._path!r} line {self._line_number(i)} is not JSON: {e}") from None
+            raise ConfigError(f"config.data.path={self._name!r} line {self._line_number(i)} is not JSON: {e}") from None
         if not isinstance(row, dict) or self._text_field not in row:
             keys = sorted(row) if isinstance(row, dict) else type(row).__name__
             raise ConfigError(
-                f"config.data.text_field={self._text_field!r} absent in {self._path} line "
+                f"config.data.text_field={self._text_field!r} absent in {self._name} line "
                 f"{self._line_number(i)} (keys: {keys})"
             )
         text = row[self._text_field]
         if not isinstance(text, str):
             raise ConfigError(
-                f"config.data.text_field={self._text_field!r} in {self._path} line {self._line_number(i)} "
+                f"config.data.text_field={self._text_field!r} in {self._name} line {self._line_number(i)} "
                 f"is a {type(text).__name__}, not a string"
             )
         return text
 
     def _line_number(self, i) -> int:
-        with storage.open_file(self._path) as f:
+        with open(self._path, "rb") as f:
             return f.read(int(self._starts[i])).count(b"\n") + 1
 
 
