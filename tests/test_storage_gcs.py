@@ -1,7 +1,7 @@
 """gs:// end to end against a real GCS server (fake-gcs-server on 127.0.0.1), configured only through
-STORAGE_EMULATOR_HOST: train with workdir and data on gs://, kill -9, resume (losses bitwise those of an
-uninterrupted local run), export from gs://, load_model from gs://; and the bad inputs, each one line with
-nothing written."""
+STORAGE_EMULATOR_HOST: train with the workdir on gs:// on a mixture of a gs:// jsonl source and a datasets
+stream of gs:// files, kill -9, resume (losses bitwise those of an uninterrupted run on local copies), export
+from gs:// to gs://, load_model from gs://; and the bad inputs, each one line with nothing written."""
 
 import json
 import os
@@ -36,6 +36,29 @@ def _corpus_jsonl(tmp_path) -> list[bytes]:
     return ["".join(docs[i::2]).encode() for i in range(2)]
 
 
+_MIXTURE = """
+import ml_collections
+from doge_jax.data import data_config_defaults
+
+
+def get_config():
+    c = data_config_defaults()
+    c.eval_fraction = 0.05
+    c.shuffle_window = 8
+    c.mixture = ml_collections.ConfigDict(dict(
+        files=dict(weight=2.0, source="jsonl", path="{a}"),
+        stream=dict(weight=1.0, source="hf", hf_name="json", path="{b}"),
+    ))
+    return c
+"""
+
+
+def _mixture(path, a: str, b: str) -> str:
+    """A data preset (for --data=) mixing a random-access jsonl source and a datasets stream, 2 : 1."""
+    path.write_text(_MIXTURE.format(a=a, b=b))
+    return str(path)
+
+
 def _env(gcs, tmp_path):
     return {**gcs.env(), "JAX_COMPILATION_CACHE_DIR": str(tmp_path / "xla"),
             "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0", "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
@@ -59,7 +82,9 @@ def test_train_kill9_resume_export_and_load_on_gs(gcs, tmp_path):
     env = _env(gcs, tmp_path)
 
     run = f"gs://{BUCKET}/run"
-    args = th.cli_args(f"gs://{BUCKET}/corpus/part-*.jsonl", run, **COMMON)
+    args = th.cli_args("unused", run, **COMMON) + [
+        "--data=" + _mixture(tmp_path / "gs_mix.py", f"gs://{BUCKET}/corpus/part-0.jsonl",
+                             f"gs://{BUCKET}/corpus/part-1.jsonl")]
     with open(tmp_path / "log1", "w") as log:
         proc = subprocess.Popen([sys.executable] + args, cwd=th.REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
         deadline = time.time() + 240
@@ -81,7 +106,15 @@ def test_train_kill9_resume_export_and_load_on_gs(gcs, tmp_path):
     from doge_jax.trainer import Trainer
 
     local = str(tmp_path / "local")
-    Trainer(th.tiny_config(str(tmp_path / "part-*.jsonl"), **COMMON), local).run()
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "local_mix", _mixture(tmp_path / "local_mix.py", tmp_path / "part-0.jsonl", tmp_path / "part-1.jsonl"))
+    preset = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(preset)
+    config = th.tiny_config("unused", **COMMON)
+    config.data = preset.get_config()
+    Trainer(config, local).run()
     assert not os.path.exists(os.path.join(th.REPO, "gs:"))
 
     a, b = th.read_records(local), _gs_losses(gcs, "run")
