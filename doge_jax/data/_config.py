@@ -45,7 +45,12 @@ def data_config_defaults() -> ml_collections.ConfigDict:
     return c
 
 
-MIXTURE_ONLY = ("weight",)
+def in_component(e: ConfigError, field: str) -> ConfigError:
+    """An error about `config.data.x` raised while reading a mixture component, renamed to `field.x`."""
+    message = str(e)
+    if field == "config.data" or message.startswith(field + ".") or not message.startswith("config.data."):
+        return e
+    return ConfigError(field + message[len("config.data"):])
 
 
 def mixture_components(cfg) -> list[tuple[str, object, float]]:
@@ -83,7 +88,7 @@ def validate(
                 validate(component, seq_len=seq_len, batch_size=batch_size, split=split, process_index=process_index,
                          process_count=process_count, num_epochs=num_epochs)
             except ConfigError as e:
-                raise ConfigError(str(e).replace("config.data.", field + ".", 1)) from None
+                raise in_component(e, field) from None
         return
     if cfg.source not in SOURCES:
         raise ConfigError(f"config.data.source={cfg.source!r} is not one of {SOURCES}")

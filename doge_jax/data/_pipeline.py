@@ -286,7 +286,7 @@ def make_iterator(
             streams[field] = _token_stream(component, tokenize, split=split, process_index=process_index,
                                            process_count=process_count, seed=seed, num_epochs=num_epochs, field=field)
         except ConfigError as e:
-            raise ConfigError(str(e).replace("config.data.", field + ".", 1)) from None
+            raise _config.in_component(e, field) from None
     if len(components) == 1:
         it = streams[components[0][0]]
     else:  # keyed by field, so a checkpoint's component states are matched by name
