@@ -93,9 +93,7 @@ class Trainer:
         for kind, field in (("resume", "resume_from"), ("init", "init_from")):
             if cfg[field]:
                 try:
-                    return kind, ckpt.resolve(cfg[field], field=f"config.{field}")
-                except ConfigError:
-                    raise
+                    return kind, ckpt.resolve(cfg[field])
                 except (FileNotFoundError, ValueError) as e:
                     raise ConfigError(f"config.{field}: {e}") from None
         return "scratch", None
