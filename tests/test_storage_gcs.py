@@ -235,3 +235,34 @@ def test_pretokenize_to_gs_and_train_from_its_shards(emulated, tmp_path):
     for _ in range(10):
         x, y = next(a), next(b)
         assert all(np.array_equal(x[k], y[k]) for k in x)
+
+
+def test_from_hf_out_gs_then_load_model_and_to_hf_from_it(emulated, tmp_path):
+    """convert from-hf --out gs:// writes an Orbax checkpoint (+ tokenizer) that load_model and to-hf read."""
+    import jax.numpy as jnp
+
+    import convert
+    import doge_jax
+    from doge_jax import checkpoint as ckpt
+    from doge_jax.data import load_tokenizer
+    from doge_jax.model import decoder as model_lib
+
+    cfg = doge_jax.DogeConfig(vocab_size=8192, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                              num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=32,
+                              keep_window_size=16, bos_token_id=1, eos_token_id=2, pad_token_id=3)
+    workdir = str(tmp_path / "run")
+    ckpt.save_params(workdir, 3, ckpt.params_of(model_lib.build(cfg, seed=1)), cfg)
+    load_tokenizer("default").save_pretrained(os.path.join(workdir, ckpt.TOKENIZER))
+    hf_dir = convert.to_hf(workdir, str(tmp_path / "hf"))
+    out = f"gs://{BUCKET}/imported"
+    assert convert.from_hf(hf_dir, out) == out
+    with pytest.raises(FileExistsError):
+        convert.from_hf(hf_dir, out)
+    names = emulated.names(BUCKET, "imported/")
+    assert "imported/tokenizer/tokenizer.json" in names and "imported/checkpoints/0/commit_success.txt" in names
+    ids = jnp.array([[1, 17, 4, 300, 2]])
+    np.testing.assert_array_equal(np.asarray(doge_jax.load_model(out)(ids).logits),
+                                  np.asarray(doge_jax.load_model(workdir)(ids).logits))
+    again = convert.to_hf(out, str(tmp_path / "hf2"))
+    for name in ("config.json", "tokenizer.json"):
+        assert open(os.path.join(again, name)).read() == open(os.path.join(hf_dir, name)).read()
