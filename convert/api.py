@@ -131,20 +131,30 @@ def upload(folder: str, repo_id: str, *, api: Any = None, private: bool = False)
 
 def end_token_ids(cfg, tokenizer_dir: str | None) -> list[int]:
     """Every token that ends generation: the model's EOS and each special token the chat template closes a
-    turn with (`<|im_end|>` for the Doge template), so plain `model.generate` stops at the end of a turn."""
+    turn with (`<|im_end|>` for the Doge template), so plain `model.generate` stops at the end of a turn. Read
+    from the tokenizer files (tokenizer.json's special tokens, the template in chat_template.jinja or
+    tokenizer_config.json)."""
     ids = [cfg.eos_token_id] if cfg.eos_token_id is not None else []
-    if tokenizer_dir is not None:
-        from transformers import AutoTokenizer
+    if tokenizer_dir is None:
+        return ids
 
-        tok = AutoTokenizer.from_pretrained(tokenizer_dir)
-        template = tok.chat_template if isinstance(tok.chat_template, str) else json.dumps(tok.chat_template or "")
-        for token in tok.all_special_tokens:
-            token_id = tok.convert_tokens_to_ids(token)
-            ends_turn = token.endswith(("_end|>", "end_of_turn>", "|eot_id|>", "|endoftext|>"))
-            if ends_turn and token in template and token_id not in ids:
-                ids.append(token_id)
-        if tok.eos_token_id is not None and tok.eos_token_id not in ids:
-            ids.append(tok.eos_token_id)
+    def read_json(name):
+        path = os.path.join(tokenizer_dir, name)
+        if not os.path.isfile(path):
+            return {}
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+
+    template = read_json("tokenizer_config.json").get("chat_template") or ""
+    jinja = os.path.join(tokenizer_dir, "chat_template.jinja")
+    if os.path.isfile(jinja):
+        with open(jinja, encoding="utf-8") as f:
+            template = f.read()
+    template = template if isinstance(template, str) else json.dumps(template)  # named templates: a list
+    for token in read_json("tokenizer.json").get("added_tokens", []):
+        ends_turn = token["content"].endswith(("_end|>", "end_of_turn>", "|eot_id|>", "|endoftext|>"))
+        if token.get("special") and ends_turn and token["content"] in template and token["id"] not in ids:
+            ids.append(token["id"])
     return ids
 
 

@@ -101,7 +101,8 @@ class _StreamIterator(grain.DatasetIterator):
         self._window: list[str] = []
         self._initial_state = copy.deepcopy(self._ds.state_dict())  # the stream's start (epochs restart here)
         self._window_start = copy.deepcopy(self._initial_state)
-        self._rows = None  # the live iterator over self._ds
+        self._rows = None  # the iterator over self._ds that reads the current window
+        self._next_start = None
 
     def _documents(self):
         for row in self._rows:
@@ -118,6 +119,9 @@ class _StreamIterator(grain.DatasetIterator):
             self._rows = iter(self._ds)
             docs = self._documents()
             self._window = [d for _, d in zip(range(self._window_size), docs)]
+            self._next_start = copy.deepcopy(self._ds.state_dict())  # where the reads of this window ended
+            docs.close()
+            self._rows.close()  # each window reopens from its saved state: no reader is left open
             if self._window:
                 if self._window_size > 1:
                     rng = np.random.default_rng([self._seed, self._epoch, self._window_index])
@@ -135,7 +139,7 @@ class _StreamIterator(grain.DatasetIterator):
         doc = self._window[self._pos]
         self._pos += 1
         if self._pos == len(self._window):  # the next window starts where this one's reads ended
-            self._window_start = copy.deepcopy(self._ds.state_dict())
+            self._window_start = self._next_start
             self._window, self._pos = [], 0
             self._window_index += 1
         return doc
