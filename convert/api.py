@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 
 from convert import hf
+from convert.legacy import layout as legacy
 from doge_jax import checkpoint as ckpt, storage
 from doge_jax.model import decoder as model_lib
 
@@ -45,8 +46,8 @@ def from_hf(src: str, out_dir: str, *, revision: str | None = None, overwrite: b
             raw = json.load(f)
         except json.JSONDecodeError as e:
             raise ValueError(f"{cfg_path}: not valid JSON ({e})") from None
-    cfg = hf.config_from_hf(raw, cfg_path)
-    state = hf.read_safetensors_dir(path)
+    cfg = hf.config_from_hf(legacy.normalize_config(raw, cfg_path), cfg_path)
+    state = legacy.rename_first_generation(hf.read_safetensors_dir(path), path)
     cfg = hf.detect_layout(state, cfg)
     if config_overrides:
         cfg = cfg.replace(**config_overrides)
@@ -56,12 +57,24 @@ def from_hf(src: str, out_dir: str, *, revision: str | None = None, overwrite: b
         _check_remote_out(out_dir, overwrite, ckpt.CHECKPOINTS)
         with storage.local_folder(storage.join(out_dir, ckpt.TOKENIZER)) as tmp:
             hf.copy_tokenizer_files(path, tmp)
+        if legacy.is_first_layout(cfg):
+            storage.write_bytes_atomic(storage.join(out_dir, legacy.SOURCE_CONFIG),
+                                       json.dumps(raw, indent=2, sort_keys=True).encode())
         ckpt.save_params(out_dir, step, params, cfg)
         return str(storage.path(out_dir))
     with hf.AtomicDir(out_dir, overwrite=overwrite) as tmp:
         ckpt.save_params(tmp, step, params, cfg)
         hf.copy_tokenizer_files(path, os.path.join(tmp, ckpt.TOKENIZER))
+        if legacy.is_first_layout(cfg):
+            legacy.keep_source_config(tmp, raw)
     return os.path.abspath(out_dir)
+
+
+def _source_config(workdir: str) -> dict | None:
+    if not storage.is_remote(workdir):
+        return legacy.read_source_config(workdir)
+    path = storage.path(workdir) / legacy.SOURCE_CONFIG
+    return json.loads(path.read_text()) if path.exists() else None
 
 
 def _check_remote_out(out_dir: str, overwrite: bool, marker: str) -> None:
@@ -98,11 +111,17 @@ def to_hf(checkpoint: str, out_dir: str, *, dtype: str = "float32", step: int | 
     storage.path(out_dir, field="out")
     ref = ckpt.resolve(checkpoint, step)
     cfg = ckpt.load_config(ref)
-    hf_cfg = hf.config_to_hf(cfg, dtype)
+    first_layout = legacy.is_first_layout(cfg)
+    hf_cfg = None if first_layout else hf.config_to_hf(cfg, dtype)
     params = ckpt.load_params(ref, ckpt.params_of(model_lib.abstract_model(cfg)))
     state = {k: np.asarray(v).astype(np_dtype) for k, v in hf.params_to_hf(params).items()}
     with _out_folder(out_dir, overwrite) as tmp:
-        hf_cfg.save_pretrained(tmp)
+        if first_layout:  # our own remote code: transformers 5's Doge cannot hold this layout
+            options = {hf.OPTION_PREFIX + name: getattr(cfg, name) for name in hf.JAX_ONLY_FIELDS}
+            legacy.write_export_files(tmp, legacy.export_config(
+                cfg, dtype, _source_config(ref.workdir), hf.HF_TO_JAX_FIELDS, options))
+        else:
+            hf_cfg.save_pretrained(tmp)
         has_tok = ref.tokenizer_dir is not None and storage.with_local_dir(
             ref.tokenizer_dir, lambda d: hf.copy_tokenizer_files(d, tmp))
         _generation_config(cfg, tmp if has_tok else None).save_pretrained(tmp)
@@ -169,13 +188,20 @@ def _generation_config(cfg, tokenizer_dir: str | None = None):
 def _model_card(out: str, cfg, ref, dtype: str, has_tokenizer: bool, repo_id: str | None) -> None:
     n = model_lib.count_params(cfg)
     name = repo_id or storage.path(ref.workdir).name
+    if legacy.is_first_layout(cfg):
+        about = (f"in the first published SmallDoge layout (no q/k norm, one dynamic-mask bias per attention head), "
+                 f"exported by doge-jax at step {ref.step} in {dtype}. transformers' native Doge cannot hold this "
+                 f"layout: the folder ships its own `modeling_doge_legacy.py` (built on transformers' Doge classes), "
+                 f"loaded with `trust_remote_code=True`.")
+        load = f"model = AutoModelForCausalLM.from_pretrained({name!r}, trust_remote_code=True)"
+    else:
+        about = (f"trained with doge-jax and exported at step {ref.step} in {dtype}. It loads with transformers' "
+                 f"native `DogeForCausalLM` (no `trust_remote_code`).")
+        load = f"model = AutoModelForCausalLM.from_pretrained({name!r})"
     lines = [
         "---", "library_name: transformers", "pipeline_tag: text-generation", "tags: [doge, doge-jax]",
-        "---", f"# {name}", "",
-        f"A Doge causal language model ({n / 1e6:.1f}M parameters) trained with doge-jax and exported at step "
-        f"{ref.step} in {dtype}. It loads with transformers' native `DogeForCausalLM` (no `trust_remote_code`).",
-        "", "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer",
-        f"model = AutoModelForCausalLM.from_pretrained({name!r})",
+        "---", f"# {name}", "", f"A Doge causal language model ({n / 1e6:.1f}M parameters) {about}",
+        "", "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer", load,
     ]
     if has_tokenizer:
         lines.append(f"tokenizer = AutoTokenizer.from_pretrained({name!r})")

@@ -75,8 +75,9 @@ def config_to_hf(cfg: DogeConfig, dtype: str = "float32"):
     from transformers import DogeConfig as HFDogeConfig
 
     if not cfg.qk_norm or cfg.dt_heads != "kv":
-        raise ValueError(f"qk_norm={cfg.qk_norm}, dt_heads={cfg.dt_heads!r}: transformers 5 Doge needs q/k norm "
-                         f"and dt per kv head; this older SmallDoge layout cannot be exported to it")
+        raise ValueError(f"qk_norm={cfg.qk_norm}, dt_heads={cfg.dt_heads!r}: neither transformers 5 Doge (q/k norm, "
+                         f"dt per kv head) nor the first SmallDoge layout (no q/k norm, dt per attention head); "
+                         f"no transformers model computes it")
     rope = {key: getattr(cfg, ours) for key, ours in ROPE_FIELDS.items()}
     if cfg.rope_type == "default":  # transformers' default rope takes no factor
         rope.pop("factor")

@@ -197,7 +197,7 @@ def create_app(config: ServeConfig, engine: Engine | None = None, tokenizer=None
 
             try:
                 model, tok = await asyncio.to_thread(
-                    load, config.model, config.revision, config.dtype, config.chat_template
+                    load, config.model, config.revision, config.dtype, config.chat_template, config.trust_remote_code
                 )
             except Exception as exc:
                 log.error("cannot load model %r: %s: %s", config.model, type(exc).__name__, exc)

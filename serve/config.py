@@ -18,6 +18,9 @@ class ServeConfig:
     max_queue: int = 64  # sequences allowed to wait for a batch slot before 429
     threads: int | None = None  # torch intra-op threads; None: all usable cores but one (kept for HTTP)
     default_max_tokens: int | None = None  # chat default when the request sets none; None = rest of the context
+    # Run the modeling code a model folder ships (config.json `auto_map`), as the first-layout SmallDoge exports
+    # need. Off by default: that code runs with the server's rights, so it is the operator's explicit choice.
+    trust_remote_code: bool = False
     host: str = "127.0.0.1"
     port: int = 8000
 

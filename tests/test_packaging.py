@@ -1,4 +1,4 @@
-"""What `pip install .` installs: every doge_jax subpackage, the presets as doge_jax.configs, convert; and never a
+"""What `pip install .` installs: every doge_jax and convert subpackage, the presets as doge_jax.configs, convert; and never a
 generic top-level name such as `configs` or `serve` (the server is its own distribution, serve/pyproject.toml)."""
 
 import os
@@ -14,8 +14,8 @@ def _toml(path):
 
 def test_every_doge_jax_package_is_installed():
     listed = set(_toml("pyproject.toml")["tool"]["setuptools"]["packages"])
-    found = {os.path.relpath(d, ROOT).replace(os.sep, ".") for d, _, files in os.walk(os.path.join(ROOT, "doge_jax"))
-             if "__init__.py" in files}
+    found = {os.path.relpath(d, ROOT).replace(os.sep, ".") for top in ("doge_jax", "convert")
+             for d, _, files in os.walk(os.path.join(ROOT, top)) if "__init__.py" in files}
     assert found <= listed, f"add to pyproject.toml [tool.setuptools] packages: {sorted(found - listed)}"
     assert {p.split(".")[0] for p in listed} == {"doge_jax", "convert"}
     assert _toml("pyproject.toml")["tool"]["setuptools"]["package-dir"] == {"doge_jax.configs": "configs"}

@@ -35,8 +35,7 @@ import numpy as np
 from doge_jax.data import _config
 from doge_jax.data import _sources
 from doge_jax.data import _stream
-
-IGNORE_INDEX = -100
+from doge_jax.model.loss import IGNORE_INDEX  # the one definition: targets the loss skips
 _HASH_KEY = 0x9E3779B97F4A7C15  # fixed, so the held-out set does not move with the shuffle seed
 
 

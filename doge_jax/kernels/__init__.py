@@ -7,6 +7,9 @@ that chooses them (`doge_jax.model.attention_impl`).
 - gpu_dma.py / gpu_flash.py: the Triton kernel (`attention_impl="pallas_gpu"`): entry point (layouts, masks,
   rows with no key) and the three Pallas kernels with their custom_vjp.
 - tpu_dma.py / tpu_flash.py: the Mosaic TPU kernel (`attention_impl="pallas_tpu"`).
+- target.py: which platform the kernels are traced for (`target.backend()`; `target.lowering_for("tpu")` lowers
+  the real Triton/Mosaic calls from a CPU host). Under a device mesh each kernel runs inside shard_map
+  (`doge_jax.parallel.attention`).
 
 GPU design, in one place:
 - Tiles: a query tile is block_q positions × the R = N/K query heads of one kv head (block_q·R rows; default 64

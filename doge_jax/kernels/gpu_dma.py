@@ -2,7 +2,7 @@
 
 Same inputs, masks and outputs as the reference (`doge_jax.model.dma_reference`). What happens here, around the kernel:
 - layouts: R query heads folded into rows, K/V per kv head (see _flash), sequences padded to the tiles;
-- top-k thresholds (_topk): a prefix order statistic for causal/padding masks, exact chunked top_k otherwise;
+- top-k thresholds (shared.topk_setup): a prefix order statistic for causal/padding masks, exact chunked top_k otherwise;
 - the sparse walk (long context): keys permuted per chunk by how long they stay useful, so each query tile reads
   about keep_window_size + chunk keys instead of the whole causal prefix;
 - rows with no allowed key (left padding, a segment with no earlier key): the reference gives them a uniform
@@ -23,7 +23,8 @@ import jax
 import jax.numpy as jnp
 
 from doge_jax.kernels import gpu_flash as _flash
-from doge_jax.kernels import topk as _topk
+from doge_jax.kernels import shared as _shared
+from doge_jax.kernels import target as _target
 from doge_jax.model.mask import MaskSpec
 
 
@@ -58,51 +59,6 @@ def _permute_bwd(axis, inverse, g):
 _permute.defvjp(_permute_fwd, _permute_bwd)
 
 
-def _uniform_rows(q, k, v, scale):
-    """[B, T, N, H]: the reference's output for a row whose every key is masked, and its derivative.
-
-    Value: the mean of v over all S keys. Derivative: the softmax Jacobian at the uniform distribution, which
-    the reference applies to the raw scores q·k·scale, i.e. (scale/S)·Σ_s (dq·k_s + q·dk_s)(v_s − v̄). Written as
-    zero-valued terms (x − stop_gradient(x)) so that no [T, S] array is formed: O(S·H²) per kv head.
-    """
-    b, t, n, h = q.shape
-    s, kh = k.shape[1], k.shape[2]
-    sg = jax.lax.stop_gradient
-    f32 = jnp.float32
-    v32, k32 = v.astype(f32), k.astype(f32)
-    v_mean = jnp.mean(v32, axis=1)  # [B, K, H]
-    v_centered = sg(v32 - v_mean[:, None])  # [B, S, K, H]
-    kv_moment = jnp.einsum("BSKH,BSKJ->BKHJ", sg(k32), v_centered)
-    kv_moment_dk = jnp.einsum("BSKH,BSKJ->BKHJ", k32 - sg(k32), v_centered)  # 0, carries dk
-    qg = q.reshape(b, t, kh, n // kh, h).astype(f32)  # [B, T, K, R, H]
-    jac = (jnp.einsum("BTKRH,BKHJ->BTKRJ", qg - sg(qg), kv_moment)
-           + jnp.einsum("BTKRH,BKHJ->BTKRJ", sg(qg), kv_moment_dk))  # 0, carries dq and dk
-    out = v_mean[:, None, :, None, :] + jac * (scale / s)
-    return out.reshape(b, t, n, h)
-
-
-def _topk_setup(dt, dt_w, valid, mask: MaskSpec, *, t, t_pad, block_q, block_k, sparse, chunk):
-    """Thresholds [B, K, Gr, T_p] (None when the top-k keeps every allowed key) and the sparse plan (or None)."""
-    b, s = dt.shape[0], dt.shape[2]
-    w, offset, sliding_window = mask.keep_window_size, mask.static_offset, mask.sliding_window
-    kh, bias_rows, s_pad = dt_w.shape[1], dt_w.shape[2], dt_w.shape[3]
-    if s <= w or (sliding_window is not None and sliding_window <= w):
-        return None, None, chunk  # no row can see more than w keys
-    if mask.q_segment_ids is not None or sliding_window is not None:
-        thr = _topk.general_thresholds(jax.lax.stop_gradient(dt.astype(jnp.float32)), t, mask)
-        thr = jnp.pad(thr, ((0, 0), (0, 0), (0, t_pad - t)), constant_values=-jnp.inf)
-        return thr.reshape(b, kh, bias_rows, t_pad), None, chunk
-    dtm = jax.lax.stop_gradient(jnp.where(valid[:, None, None, :], dt_w, -jnp.inf))
-    thrpos = _topk.prefix_thresholds(dtm, w)  # [B, K, Gr, S_p]
-    thr = jnp.take(thrpos, jnp.clip(offset + jnp.arange(t_pad), 0, s_pad - 1), axis=-1)
-    if not (sparse if sparse is not None else s_pad >= 2 * w):
-        return thr, None, chunk
-    chunk = chunk or _topk.default_chunk(s_pad, block_k)
-    plan = _topk.sparse_plan(thrpos, dtm, q_offset=offset, n_q_tiles=t_pad // block_q, block_q=block_q,
-                             block_k=block_k, chunk=chunk)
-    return thr, plan, chunk
-
-
 def _tiles(n: int, kh: int, block_q: int | None, block_k: int | None) -> tuple[int, int]:
     return block_q or max(1, 64 // (n // kh)), block_k or 64
 
@@ -117,10 +73,10 @@ def gpu_unsupported_reason(q: jax.Array, k: jax.Array, dt: jax.Array, mask: Mask
     if mask.static_offset is None:
         return "a traced or per-batch q_offset (decoding with a KV cache)"
     if interpret is None:
-        interpret = jax.default_backend() != "gpu"
+        interpret = _target.backend() != "gpu"
     if not interpret:
-        if jax.default_backend() != "gpu":
-            return f"backend {jax.default_backend()!r} is not a GPU (Triton runs on GPUs only)"
+        if _target.backend() != "gpu":
+            return f"backend {_target.backend()!r} is not a GPU (Triton runs on GPUs only)"
         block_q, block_k = _tiles(n, kh, block_q, block_k)
         if not _triton_tiles_ok(block_q * (n // kh), block_k, h):
             return (f"Triton needs power-of-two tiles >= 16, got block_q*N/K={block_q * (n // kh)}, {block_k=}, "
@@ -147,8 +103,9 @@ def dma_pallas_gpu(
     Semantics of `dma_reference` without dropout. block_q: query positions per tile (a tile holds block_q·N/K
     rows); block_k: keys per tile. sparse: walk only the keys the top-k can keep (default: when the key length
     is at least 2·keep_window_size); chunk: its chunk of key positions (default ≈ sqrt(S·block_k)).
-    interpret=None: interpret mode unless the backend is a GPU. Raises ValueError (one line) for a call
-    `gpu_unsupported_reason` rejects.
+    interpret=None: interpret mode unless the backend is a GPU (`doge_jax.kernels.target.backend()`, which
+    `target.lowering_for("cuda")` sets when lowering for a GPU from another host). Raises ValueError (one line)
+    for a call `gpu_unsupported_reason` rejects.
     """
     b, t, n, h = q.shape
     s, kh = k.shape[1], k.shape[2]
@@ -158,7 +115,7 @@ def dma_pallas_gpu(
         raise ValueError(f"dma_pallas_gpu: q {q.shape}, k {k.shape}, v {v.shape}, dt {dt.shape}: expected q "
                          "[B,T,N,H], k/v [B,S,K,H] with N a multiple of K, dt [B,G,S] with G = K or N")
     if interpret is None:
-        interpret = jax.default_backend() != "gpu"
+        interpret = _target.backend() != "gpu"
     reason = gpu_unsupported_reason(q, k, dt, mask, interpret=interpret, block_q=block_q, block_k=block_k)
     if reason:
         raise ValueError(f"dma_pallas_gpu cannot run {reason}")
@@ -175,7 +132,7 @@ def dma_pallas_gpu(
     kpos = jnp.where(valid, jnp.arange(s_pad, dtype=jnp.int32), _flash.NO_KEY)  # [B, S_p]
     dt_w = jnp.pad(dt.astype(jnp.float32), ((0, 0), (0, 0), (0, s_pad - s))).reshape(b, kh, bias_rows, s_pad)
 
-    thr, plan, chunk = _topk_setup(dt, dt_w, valid, mask, t=t, t_pad=t_pad, block_q=block_q, block_k=block_k,
+    thr, plan, chunk = _shared.topk_setup(dt, dt_w, valid, mask, t=t, t_pad=t_pad, block_q=block_q, block_k=block_k,
                                    sparse=sparse, chunk=chunk)
 
     q_rows = jnp.pad(q, ((0, 0), (0, t_pad - t), (0, 0), (0, 0))).reshape(b, t_pad, kh, r_heads, h)
@@ -208,5 +165,5 @@ def dma_pallas_gpu(
     out = o.reshape(b, kh, t_pad, r_heads, h).transpose(0, 2, 1, 3, 4).reshape(b, t_pad, n, h)[:, :t]
     if kv_mask is not None or q_segment_ids is not None or sliding_window is not None:
         lse = lse.reshape(b, kh, t_pad, r_heads).transpose(0, 2, 1, 3).reshape(b, t_pad, n)[:, :t]
-        out = jnp.where((lse == -jnp.inf)[..., None], _uniform_rows(q, k, v, scale).astype(out.dtype), out)
+        out = jnp.where((lse == -jnp.inf)[..., None], _shared.uniform_rows(q, k, v, scale).astype(out.dtype), out)
     return out

@@ -4,6 +4,8 @@
     "pallas_gpu"  the Triton kernel (`doge_jax.kernels.gpu_dma`); interpret mode off a GPU.
     "pallas_tpu"  the Mosaic TPU kernel (`doge_jax.kernels.tpu_dma`); TPU interpret mode off a TPU.
     "pallas"      the kernel of the current backend (GPU → pallas_gpu, TPU → pallas_tpu; none on CPU).
+                  The backend is `doge_jax.kernels.target.backend()`: jax's, or the platform being lowered for
+                  inside `target.lowering_for(...)` (lowering for a TPU or GPU from a CPU host).
     "auto"        the backend's kernel where it can take the call, else the reference.
 
 A named kernel either runs or raises a one-line ValueError saying why (dropout, decoding with a traced cache
@@ -19,7 +21,7 @@ import dataclasses
 import jax
 from absl import logging
 
-from doge_jax.kernels import gpu_dma, tpu_dma
+from doge_jax.kernels import gpu_dma, target, tpu_dma
 from doge_jax.model import dma_reference
 from doge_jax.model.mask import MaskSpec
 from doge_jax.parallel import attention as sharded
@@ -42,7 +44,7 @@ def _unsupported(kernel: str, q, k, dt, mask: MaskSpec, dropout_rate: float) -> 
 def choose(requested: str, q, k, dt, mask: MaskSpec, *, dropout_rate: float = 0.0,
            backend: str | None = None) -> Choice:
     """The implementation for one call (static facts only: shapes, whether the offset is traced, dropout)."""
-    backend = backend or jax.default_backend()
+    backend = backend or target.backend()
     if requested == "xla":
         return Choice("xla", "attention_impl='xla'")
     if requested in ("pallas_gpu", "pallas_tpu"):
