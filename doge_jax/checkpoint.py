@@ -7,14 +7,14 @@
       tokenizer/                        HF tokenizer files (AutoTokenizer.from_pretrained loads this folder)
 
 Orbax writes each step into a temporary folder and renames it when complete, so a crash or `kill -9` at any
-moment leaves the previous complete step usable. `resolve()` accepts a WORKDIR, its `checkpoints/` folder or one
-step's folder.
+moment leaves the previous complete step usable (on gs://, where there is no rename, a step counts once Orbax
+has written its commit marker). `resolve()` accepts a WORKDIR, its `checkpoints/` folder or one step's folder,
+local or gs:// (doge_jax.storage).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import os
 import re
 from typing import Any
 
@@ -23,6 +23,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
+from doge_jax import storage
 from doge_jax.model.config import DogeConfig
 
 CHECKPOINTS = "checkpoints"
@@ -31,46 +32,54 @@ TOKENIZER = "tokenizer"
 
 @dataclasses.dataclass(frozen=True)
 class CheckpointRef:
-    root: str  # the folder holding <step>/ folders
+    root: str  # the folder holding <step>/ folders (a local path or a gs:// URL)
     step: int
 
     @property
     def workdir(self) -> str:
-        parent = os.path.dirname(self.root)
-        return parent if os.path.basename(self.root) == CHECKPOINTS else self.root
+        root = storage.path(self.root)
+        return str(root.parent) if root.name == CHECKPOINTS else self.root
 
     @property
     def tokenizer_dir(self) -> str | None:
-        path = os.path.join(self.workdir, TOKENIZER)
-        return path if os.path.isdir(path) else None
+        path = storage.path(self.workdir) / TOKENIZER
+        return str(path) if path.is_dir() else None
 
 
-def _steps(root: str) -> list[int]:
-    if not os.path.isdir(root):
+def is_complete_step(step_dir) -> bool:
+    """A step folder Orbax finished: its params item, and on gs:// the commit marker written last."""
+    step_dir = storage.path(step_dir)
+    return (step_dir / "params").is_dir() and ocp.utils.is_checkpoint_finalized(step_dir)
+
+
+def steps(root) -> list[int]:
+    """The complete steps under a checkpoints/ folder, ascending."""
+    root = storage.path(root)
+    if not root.is_dir():
         return []
-    return sorted(int(d) for d in os.listdir(root) if re.fullmatch(r"\d+", d)
-                  and os.path.isdir(os.path.join(root, d, "params")))
+    return sorted(int(d.name) for d in root.iterdir() if re.fullmatch(r"\d+", d.name) and is_complete_step(d))
 
 
-def resolve(path: str, step: int | None = None) -> CheckpointRef:
+def resolve(path: str, step: int | None = None, *, field: str = "checkpoint") -> CheckpointRef:
     """A WORKDIR (latest step), WORKDIR/checkpoints, or WORKDIR/checkpoints/<step> → CheckpointRef."""
-    path = os.path.abspath(os.path.expanduser(str(path)))
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"checkpoint={path!r} does not exist")
-    base = os.path.basename(path)
-    if re.fullmatch(r"\d+", base) and os.path.isdir(os.path.join(path, "params")):
-        if step is not None and step != int(base):
-            raise ValueError(f"step={step} conflicts with the step folder checkpoint={path!r}")
-        return CheckpointRef(os.path.dirname(path), int(base))
-    for root in (os.path.join(path, CHECKPOINTS), path):
-        steps = _steps(root)
-        if steps:
+    p = storage.path(path, field=field)
+    storage.check_reachable(p, field=field)
+    path = str(p)
+    if not p.exists():
+        raise FileNotFoundError(f"{field}={path!r} does not exist")
+    if re.fullmatch(r"\d+", p.name) and (p / "params").is_dir():
+        if step is not None and step != int(p.name):
+            raise ValueError(f"step={step} conflicts with the step folder {field}={path!r}")
+        return CheckpointRef(str(p.parent), int(p.name))
+    for root in (str(p / CHECKPOINTS), path):
+        steps_here = steps(root)
+        if steps_here:
             if step is None:
-                return CheckpointRef(root, steps[-1])
-            if step not in steps:
-                raise ValueError(f"step={step} not in checkpoint={path!r} (has {steps})")
+                return CheckpointRef(root, steps_here[-1])
+            if step not in steps_here:
+                raise ValueError(f"step={step} not in {field}={path!r} (has {steps_here})")
             return CheckpointRef(root, step)
-    raise FileNotFoundError(f"checkpoint={path!r} holds no complete checkpoint "
+    raise FileNotFoundError(f"{field}={path!r} holds no complete checkpoint "
                             f"(expected {CHECKPOINTS}/<step>/params or <step>/params)")
 
 
@@ -78,7 +87,7 @@ def manager(root: str, *, max_to_keep: int | None = None, async_save: bool = Fal
             save_interval_steps: int = 1) -> ocp.CheckpointManager:
     options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, enable_async_checkpointing=async_save,
                                            save_interval_steps=save_interval_steps, create=True)
-    return ocp.CheckpointManager(os.path.abspath(root), options=options)
+    return ocp.CheckpointManager(storage.path(root), options=options)  # gs:// stays a URL: Orbax writes it
 
 
 def params_of(model: nnx.Module) -> dict:
@@ -88,7 +97,7 @@ def params_of(model: nnx.Module) -> dict:
 
 def save_params(workdir: str, step: int, params: dict, cfg: DogeConfig) -> None:
     """Writes a parameter-only checkpoint (what the converter produces; training can start from it)."""
-    mngr = manager(os.path.join(workdir, CHECKPOINTS))
+    mngr = manager(storage.join(workdir, CHECKPOINTS))
     mngr.save(step, args=ocp.args.Composite(
         params=ocp.args.StandardSave(params), model_config=ocp.args.JsonSave(cfg.to_dict())), force=True)
     mngr.wait_until_finished()

@@ -1,31 +1,38 @@
 #!/usr/bin/env bash
-# Runs `python -m doge_jax.train` on every worker of a Cloud TPU VM pod slice (one process per host; JAX joins
-# them through jax.distributed.initialize(), detected automatically on Cloud TPU).
+# Runs `python -m doge_jax.train` (or another module) on every worker of a Cloud TPU VM pod slice: one process
+# per host, joined by jax.distributed.initialize() (detected automatically on Cloud TPU).
 #
-#   launch/tpu_pod.sh --tpu my-v5e-32 --zone us-west4-a [--project P] [--setup] -- \
-#       --config=configs/doge_60m.py --workdir=/mnt/shared/doge60m --config.model.dtype=bfloat16
+#   launch/tpu_pod.sh --tpu doge-v4-32 --zone us-central2-b [--project P] [--setup] -- \
+#       --config=configs/doge_60m.py --data=configs/data/smollm_corpus.py --workdir=gs://BUCKET/doge60m \
+#       --config.model.dtype=bfloat16 --config.mesh.fsdp=4
+#   launch/tpu_pod.sh --tpu doge-v4-32 --zone us-central2-b --module doge_jax.data.pretokenize -- \
+#       --data=configs/data/smollm_corpus.py --out gs://BUCKET/smollm --num-shards 4 --shard-index {worker}
 #
-#   --setup   first copy this checkout to ~/doge-jax on every worker and pip-install it with jax[tpu]
-#             (rerun with --setup after changing the code; without it the copy already there is used).
+#   --setup   first copy this checkout to ~/doge-jax on every worker and `pip install -e ~/doge-jax[tpu]` (a jax
+#             already installed in range is kept; rerun with --setup after changing the code).
+#   --module  the python module to run instead of doge_jax.train; a flag `{worker}` becomes the worker's number
+#             (0..hosts-1, from the TPU VM metadata), e.g. for one pretokenize shard per worker.
 #
-# WORKDIR must be one directory every worker sees (a Filestore/NFS mount, or a bucket mounted with gcsfuse):
-# checkpoints are written by all hosts together and read back on resume. Rerunning the same command resumes.
-# Preemption / maintenance sends SIGTERM: the trainer saves a checkpoint and exits 143; rerun to continue.
+# WORKDIR must be one location every worker sees: a gs:// bucket (the TPU VM's service account needs read and
+# write on it), or an NFS / Filestore mount. Rerunning the same command resumes. Preemption / maintenance sends
+# SIGTERM: the trainer saves a checkpoint and exits 143; rerun to continue.
 set -euo pipefail
 
-TPU="" ZONE="" PROJECT="" SETUP=0
+TPU="" ZONE="" PROJECT="" SETUP=0 MODULE="doge_jax.train"
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --tpu) TPU="$2"; shift 2 ;;
     --zone) ZONE="$2"; shift 2 ;;
     --project) PROJECT="$2"; shift 2 ;;
+    --module) MODULE="$2"; shift 2 ;;
     --setup) SETUP=1; shift ;;
     --) shift; break ;;
-    *) echo "unknown option $1 (trainer flags go after --)" >&2; exit 2 ;;
+    *) echo "unknown option $1 (the module's flags go after --)" >&2; exit 2 ;;
   esac
 done
-[[ -n "$TPU" && -n "$ZONE" ]] || { echo "usage: $0 --tpu NAME --zone ZONE [--project P] [--setup] -- TRAIN_FLAGS" >&2; exit 2; }
-[[ $# -gt 0 ]] || { echo "give the trainer flags after --, e.g. -- --config=configs/doge_60m.py --workdir=DIR" >&2; exit 2; }
+[[ -n "$TPU" && -n "$ZONE" ]] || { echo "usage: $0 --tpu NAME --zone ZONE [--project P] [--setup] [--module M] -- FLAGS" >&2; exit 2; }
+[[ $# -gt 0 ]] || { echo "give the flags after --, e.g. -- --config=configs/doge_60m.py --workdir=gs://BUCKET/run" >&2; exit 2; }
+[[ "$MODULE" =~ ^[A-Za-z_][A-Za-z0-9_.]*$ ]] || { echo "--module=$MODULE is not a python module name" >&2; exit 2; }
 
 GCLOUD=(gcloud compute tpus tpu-vm)
 WHERE=(--zone "$ZONE")
@@ -39,10 +46,15 @@ if [[ "$SETUP" == 1 ]]; then
   "${GCLOUD[@]}" ssh "$TPU" --worker=all "${WHERE[@]}" --command "
     set -e
     rm -rf ~/doge-jax && mkdir -p ~/doge-jax && tar -C ~/doge-jax -xzf /tmp/doge-jax.tgz
-    python3 -m pip install -q -U 'jax[tpu]' && python3 -m pip install -q -e ~/doge-jax"
+    python3 -m pip install -q -e ~/doge-jax[tpu]"
   rm -f "$ARCHIVE"
 fi
 
-# Quote each trainer flag for the remote shell.
-printf -v FLAGS ' %q' "$@"
-"${GCLOUD[@]}" ssh "$TPU" --worker=all "${WHERE[@]}" --command "cd ~/doge-jax && python3 -m doge_jax.train$FLAGS"
+# Quote each flag for the remote shell; {worker} becomes the remote $WORKER.
+FLAGS=""
+for arg in "$@"; do
+  if [[ "$arg" == "{worker}" ]]; then FLAGS+=' "$WORKER"'; else FLAGS+=" $(printf '%q' "$arg")"; fi
+done
+METADATA=http://metadata.google.internal/computeMetadata/v1/instance/attributes/agent-worker-number
+"${GCLOUD[@]}" ssh "$TPU" --worker=all "${WHERE[@]}" --command \
+  "cd ~/doge-jax && WORKER=\$(curl -s -H Metadata-Flavor:Google $METADATA) && python3 -m $MODULE$FLAGS"

@@ -1,17 +1,21 @@
 """Training entry point: pretraining, and the post-training stages a config selects with `config.stage`.
 
+    python -m doge_jax.train --config=configs/doge_60m.py                 # WORKDIR = runs/doge_60m
     python -m doge_jax.train --config=configs/doge_tiny.py --workdir=/tmp/run
-    python -m doge_jax.train --config=configs/doge_60m.py --workdir=/shared/run \\
-        --config.total_steps=16000 --config.mesh.fsdp=8 --config.model.dtype=bfloat16
+    python -m doge_jax.train --config=configs/doge_60m.py --workdir=gs://bucket/doge60m \\
+        --data=configs/data/smollm_corpus.py --config.mesh.fsdp=8 --config.model.dtype=bfloat16
     python -m doge_jax.train --config=configs/tiny_sft.py --workdir=/tmp/sft   # a config with config.stage
 
-Every config field can be overridden as `--config.<path>=value`. Rerunning the same command resumes from
-WORKDIR's latest checkpoint. Exit codes: 0 done, 2 bad config (one line naming the field), 3 diverged
+Every config field can be overridden as `--config.<path>=value`; `--data=FILE` replaces `config.data` with a
+data preset (configs/data/), its fields overridden as `--data.<path>=value`. WORKDIR defaults to
+`runs/<config file name>` under the current directory and may be a gs:// URL. Rerunning the same command
+resumes from WORKDIR's latest checkpoint. Exit codes: 0 done, 2 bad config (one line naming the field), 3 diverged
 (non-finite loss), 143 stopped by SIGTERM after saving a checkpoint.
 """
 
 from __future__ import annotations
 
+import os
 import sys
 
 from absl import app, flags, logging
@@ -19,9 +23,40 @@ from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file, e.g. configs/doge_tiny.py.",
                                           lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: checkpoints, tokenizer, metrics, logs.")
+_DATA = config_flags.DEFINE_config_file("data", None, "A data preset replacing config.data, e.g. "
+                                        "configs/data/smollm_corpus.py.", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (local or gs://): checkpoints, tokenizer, metrics, "
+                               "logs. Default: runs/<config file name>.")
 
 DIVERGED_EXIT_CODE = 3
+SLOW_STEP_SECONDS = 180.0  # on a host without an accelerator, a longer first step gets a one-line warning
+
+
+def default_workdir(config_file: str) -> str:
+    """runs/<config file stem>, relative to the current directory."""
+    stem = os.path.splitext(os.path.basename(config_file.split(":", 1)[0]))[0]
+    return os.path.join("runs", stem)
+
+
+def cpu_step_estimate(config, gemm_flops: float) -> tuple[float, float]:
+    """(seconds, FLOPs) of one training step at `gemm_flops` FLOP/s: a lower bound, since no step runs its
+    matmuls faster than the best measured GEMM."""
+    from doge_jax.trainer import flops, validate
+
+    model_cfg = validate.model_config(config.model)
+    step_flops = flops.flops_per_token(model_cfg, config.seq_len) * config.batch_size * config.seq_len
+    return step_flops / gemm_flops, step_flops
+
+
+def slow_cpu_warning(config, config_file: str, gemm_flops: float) -> str | None:
+    """One line when a step would take more than SLOW_STEP_SECONDS here, naming the tiny preset."""
+    seconds, step_flops = cpu_step_estimate(config, gemm_flops)
+    if seconds <= SLOW_STEP_SECONDS:
+        return None
+    shown = f"{seconds / 3600:.1f} h" if seconds >= 3600 else f"{seconds / 60:.0f} min"
+    return (f"note: no accelerator here; one step of {config_file} ({config.batch_size} x {config.seq_len} tokens, "
+            f"{step_flops:.2e} FLOPs) takes at least {shown} on this CPU (measured GEMM rate "
+            f"{gemm_flops / 1e9:.0f} GFLOP/s); configs/doge_tiny.py trains in minutes here. Proceeding.")
 
 
 def main(argv) -> int:
@@ -32,23 +67,34 @@ def main(argv) -> int:
     if config is None:
         print("error: --config is required, e.g. --config=configs/doge_tiny.py", file=sys.stderr)
         return 2
-    if not _WORKDIR.value:
-        print("error: --workdir is required", file=sys.stderr)
-        return 2
+    config_file = config_flags.get_config_filename(flags.FLAGS["config"])
+    workdir = _WORKDIR.value or default_workdir(config_file)
+    print(f"workdir: {workdir}" + ("" if _WORKDIR.value else " (the default for this config; --workdir=DIR or "
+                                   "gs://BUCKET/DIR to change)"), flush=True)
+    if _DATA.value is not None:
+        with config.unlocked():
+            config.data = _DATA.value
     from doge_jax.trainer import hostmem
 
-    if config.keep_freed_memory and not hostmem.has_accelerator():
+    accelerator = hostmem.has_accelerator()
+    if config.keep_freed_memory and not accelerator:
         hostmem.keep_freed_memory()  # before XLA starts its threads; see hostmem.py
     from doge_jax.trainer import ConfigError, PREEMPTED_EXIT_CODE, Trainer, TrainingDiverged, initialize_distributed
 
     try:
         initialize_distributed(config.distributed)
+        if not accelerator:
+            from doge_jax.trainer import flops
+
+            warning = slow_cpu_warning(config, config_file, flops.peak_flops(override_tflops=config.peak_tflops))
+            if warning:
+                print(warning, flush=True)
         stage_kwargs = {}
         if config.get("stage", "pretrain") != "pretrain":  # SFT / DPO / GRPO: their loss, batches, tokenizer
             from doge_jax.posttrain import trainer_kwargs
 
             stage_kwargs = trainer_kwargs(config)
-        trainer = Trainer(config, _WORKDIR.value, **stage_kwargs)
+        trainer = Trainer(config, workdir, **stage_kwargs)
         trainer.run()
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -9,8 +9,13 @@ Public API (what the trainer calls):
         -> a grain DatasetIterator (get_state / set_state) of per-process batches, dicts of int32 [B, T]:
            input_ids, targets (-100 = no loss), segment_ids (0 = padding), positions.
 
+Sources: local or gs:// files (text, jsonl, parquet, pretokenized ArrayRecord shards), TFDS, `save_to_disk`
+folders, and `source='hf'`: `datasets.load_dataset(..., streaming=True)` (Hub ids or json/parquet builders,
+resumable exactly: `_stream.py`). `data.mixture` mixes several sources by weight (`_config.mixture_components`).
+
 Also: `default_corpus()` (the offline corpus), `split_documents` (the documents a split/process reads), and
-`python -m doge_jax.data.pretokenize` (ArrayRecord token shards, read back with data.source='arrayrecord').
+`python -m doge_jax.data.pretokenize` (ArrayRecord token shards, read back with data.source='arrayrecord';
+it takes the same data config, mixtures included).
 """
 
 from doge_jax.data._config import data_config_defaults

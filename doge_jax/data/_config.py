@@ -23,7 +23,16 @@ def data_config_defaults() -> ml_collections.ConfigDict:
     c.tfds_name = ""
     c.tfds_split = "train"
     c.tfds_data_dir = ""  # '' = TFDS's default (~/tensorflow_datasets or $TFDS_DATA_DIR)
-    c.hf_split = "train"  # which split of a saved DatasetDict (ignored for a plain Dataset)
+    c.hf_split = "train"  # the split: of a saved DatasetDict (hf_disk), or of load_dataset (hf)
+    # source='hf': datasets.load_dataset(hf_name, hf_config, split=hf_split, data_files=path, streaming=True).
+    # hf_name is a Hub id, or a builder ('json', 'parquet', 'text') for the files data.path names (local, gs://).
+    c.hf_name = ""
+    c.hf_config = ""
+    # Streams are shuffled in windows of this many documents (resumable exactly; see _stream.py).
+    c.shuffle_window = 4096
+    # Several sources mixed by weight: {name: ConfigDict(weight=w, <data fields that differ>)}; each component
+    # takes every other field from this config. Empty = the single source above. configs/data/ has presets.
+    c.mixture = ml_collections.ConfigDict()
     c.tokenizer = "default"  # the shipped asset, a HF tokenizer dir or a hub id
     # 1% held out by a hash of the document index: stable across runs, seeds and process counts.
     c.eval_fraction = 0.01
@@ -36,12 +45,55 @@ def data_config_defaults() -> ml_collections.ConfigDict:
     return c
 
 
+def in_component(e: ConfigError, field: str) -> ConfigError:
+    """An error about `config.data.x` raised while reading a mixture component, renamed to `field.x`."""
+    message = str(e)
+    if field == "config.data" or message.startswith(field + ".") or not message.startswith("config.data."):
+        return e
+    return ConfigError(field + message[len("config.data"):])
+
+
+def mixture_components(cfg) -> list[tuple[str, object, float]]:
+    """[(field path, component data config, weight)]: the components of `cfg.mixture`, or cfg alone."""
+    mixture = cfg.get("mixture") or {}
+    if not mixture:
+        return [("config.data", cfg, 1.0)]
+    base = cfg.to_dict()
+    base.pop("mixture")
+    out = []
+    for name in sorted(mixture):
+        field = f"config.data.mixture.{name}"
+        part = mixture[name]
+        if not hasattr(part, "items"):
+            raise ConfigError(f"{field}={part!r} must be a ConfigDict(weight=..., source=..., ...)")
+        part = dict(part.items())
+        weight = part.pop("weight", None)
+        if not isinstance(weight, (int, float)) or isinstance(weight, bool) or not weight > 0 or weight == float("inf"):
+            raise ConfigError(f"{field}.weight={weight!r} must be a positive number")
+        unknown = sorted(set(part) - set(base))
+        if unknown:
+            raise ConfigError(f"{field}.{unknown[0]} is not a data field (fields: {sorted(base)})")
+        component = ml_collections.ConfigDict({**base, **part, "mixture": ml_collections.ConfigDict()})
+        out.append((field, component, float(weight)))
+    return out
+
+
 def validate(
     cfg, *, seq_len: int, batch_size: int, split: str, process_index: int, process_count: int, num_epochs
 ) -> None:
     """Raises ValueError naming the first bad field; the checks that need no I/O."""
+    if cfg.get("mixture"):
+        for field, component, _ in mixture_components(cfg):
+            try:
+                validate(component, seq_len=seq_len, batch_size=batch_size, split=split, process_index=process_index,
+                         process_count=process_count, num_epochs=num_epochs)
+            except ConfigError as e:
+                raise in_component(e, field) from None
+        return
     if cfg.source not in SOURCES:
         raise ConfigError(f"config.data.source={cfg.source!r} is not one of {SOURCES}")
+    if cfg.shuffle_window < 1:
+        raise ConfigError(f"config.data.shuffle_window={cfg.shuffle_window!r} must be >= 1")
     if cfg.source in ("text", "jsonl", "parquet", "hf_disk", "arrayrecord") and not cfg.path:
         raise ConfigError(f"config.data.path={cfg.path!r} must name files (or a dir) when data.source={cfg.source!r}")
     if cfg.text_unit not in TEXT_UNITS:

@@ -9,8 +9,13 @@
       -> batch(batch_size), pad the last one    only a finite (eval) stream ever pads
       -> targets                                next token of the same segment, else -100
 
-Every stage is a grain dataset, so the iterator's `get_state()` is a small dict (indices, not data) and
-`set_state()` resumes with exactly the batches that would have come next.
+A stream (`data.source='hf'`, `_stream.py`) replaces the first four steps with its own split, shard and window
+shuffle. A mixture (`data.mixture`) builds that token stream per component and interleaves them with grain's
+`IterDataset.mix` (a fixed, deterministic schedule by weight: component i's share of every window of examples
+is its weight over the total), then packs the mixed documents as one stream.
+
+Every stage is a grain dataset, so the iterator's `get_state()` is a small dict (indices and every component's
+stream position, not data) and `set_state()` resumes with exactly the batches that would have come next.
 
 Positions count from 0 at the start of each segment of a row; a document that continues into the next row
 starts a new segment at position 0 there (and its last token in the earlier row has target -100), so attention
@@ -29,6 +34,7 @@ import numpy as np
 
 from doge_jax.data import _config
 from doge_jax.data import _sources
+from doge_jax.data import _stream
 from doge_jax.model.loss import IGNORE_INDEX  # the one definition: targets the loss skips
 _HASH_KEY = 0x9E3779B97F4A7C15  # fixed, so the held-out set does not move with the shuffle seed
 
@@ -214,6 +220,23 @@ def split_documents(
     return _Take(documents, indices)
 
 
+def _token_stream(cfg, tokenize, *, split, process_index, process_count, seed, num_epochs, field):
+    """One source's tokenized documents for this split and shard, shuffled: a grain IterDataset."""
+    run_seed = combined_seed(cfg.seed, seed)
+    if cfg.source in _sources.STREAMED:
+        docs = _stream.StreamDataset(cfg, split=split, shard_index=process_index, shard_count=process_count,
+                                     seed=run_seed, num_epochs=num_epochs, field=field)
+        return docs.map(tokenize)
+    documents = split_documents(cfg, split=split, process_index=process_index, process_count=process_count)
+    ds = grain.MapDataset.source(documents)
+    if cfg.shuffle and split == "train":
+        ds = ds.shuffle(seed=run_seed)
+    ds = ds.repeat(num_epochs)
+    ds = ds.map(tokenize)
+    # Tokenizing in a few threads overlaps file reads with the Rust tokenizer; order stays deterministic.
+    return ds.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=64))
+
+
 def make_iterator(
     data_cfg,
     tokenizer,
@@ -254,15 +277,19 @@ def make_iterator(
             raise ConfigError(
                 f"config.data.add_{name}=True but tokenizer {getattr(tokenizer, 'name_or_path', '')!r} has no {name}_token"
             )
-    documents = split_documents(data_cfg, split=split, process_index=process_index, process_count=process_count)
-
-    ds = grain.MapDataset.source(documents)
-    if data_cfg.shuffle and split == "train":
-        ds = ds.shuffle(seed=combined_seed(data_cfg.seed, seed))
-    ds = ds.repeat(num_epochs)
-    ds = ds.map(_Tokenize(tokenizer, add_bos=data_cfg.add_bos, add_eos=data_cfg.add_eos))
-    # Tokenizing in a few threads overlaps file reads with the Rust tokenizer; order stays deterministic.
-    it = ds.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=64))
+    tokenize = _Tokenize(tokenizer, add_bos=data_cfg.add_bos, add_eos=data_cfg.add_eos)
+    components = _config.mixture_components(data_cfg)
+    streams = {}
+    for field, component, _ in components:
+        try:
+            streams[field] = _token_stream(component, tokenize, split=split, process_index=process_index,
+                                           process_count=process_count, seed=seed, num_epochs=num_epochs, field=field)
+        except ConfigError as e:
+            raise _config.in_component(e, field) from None
+    if len(components) == 1:
+        it = streams[components[0][0]]
+    else:  # keyed by field, so a checkpoint's component states are matched by name
+        it = grain.IterDataset.mix(streams, {field: w for field, _, w in components})
     it = it.filter(_nonempty)
     it = grain.experimental.ConcatThenSplitIterDataset(it, length_struct={"input_ids": seq_len})
     it = it.batch(batch_size, batch_fn=functools.partial(grain.experimental.batch_and_pad, batch_size=batch_size))

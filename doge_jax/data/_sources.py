@@ -14,20 +14,26 @@ processes can take them.
   tfds        a prepared TFDS dataset read through `tfds.data_source` (ArrayRecord files, no TensorFlow).
   hf_disk     a HF `datasets` dataset saved with `save_to_disk` (memory-mapped Arrow).
   arrayrecord token-id shards written by `python -m doge_jax.data.pretokenize`.
+  hf          datasets.load_dataset(..., streaming=True): not random access, see `_stream.py`.
+
+Paths and globs may be gs:// URLs (doge_jax.storage): text and parquet are read through epath, jsonl files and
+ArrayRecord shards are copied to a local cache first (`storage.local_copy`: jsonl is read by byte offset, one
+small read per document, and ArrayRecord's C++ reader opens local files only).
 """
 
 from __future__ import annotations
 
+from doge_jax import storage
 from doge_jax.errors import ConfigError
 
-import glob
 import json
 import os
 from collections.abc import Sequence
 
 import numpy as np
 
-SOURCES = ("default", "text", "jsonl", "parquet", "tfds", "hf_disk", "arrayrecord")
+SOURCES = ("default", "text", "jsonl", "parquet", "tfds", "hf_disk", "arrayrecord", "hf")
+STREAMED = ("hf",)  # not random access: read by doge_jax.data._stream
 TEXT_UNITS = ("file", "paragraph", "line")
 PRETOKENIZED_METADATA = "metadata.json"
 
@@ -42,15 +48,10 @@ def expand_paths(path, *, field: str = "data.path", suffixes: tuple[str, ...] = 
         raise ConfigError(f"config.{field}={path!r} must be a file path, glob or list of them")
     files = []
     for spec in specs:
-        spec = os.path.expanduser(spec)
-        if os.path.isdir(spec):
-            matched = [
-                p
-                for p in sorted(glob.glob(os.path.join(spec, "*")))
-                if os.path.isfile(p) and (not suffixes or p.endswith(suffixes))
-            ]
-        else:
-            matched = sorted(p for p in glob.glob(spec) if os.path.isfile(p))
+        storage.path(spec, field=f"config.{field}")  # an unsupported scheme is an error, not a local name
+        matched = storage.glob(spec, field=f"config.{field}")
+        if suffixes and not storage.has_glob(spec) and storage.path(spec).is_dir():  # a dir: its files of that kind
+            matched = [p for p in matched if p.endswith(suffixes)]
         if not matched:
             raise ConfigError(f"config.{field}={spec!r} matched no files")
         files.extend(matched)
@@ -86,13 +87,13 @@ class _Files(Sequence):
         return len(self._paths)
 
     def __getitem__(self, i):
-        with open(self._paths[i], encoding="utf-8", errors="replace") as f:
-            return f.read()
+        with storage.open_file(self._paths[i]) as f:
+            return f.read().decode("utf-8", errors="replace")
 
 
 def _split_text(path: str, unit: str) -> list[str]:
-    with open(path, encoding="utf-8", errors="replace") as f:
-        text = f.read()
+    with storage.open_file(path) as f:
+        text = f.read().decode("utf-8", errors="replace")
     if unit == "line":
         pieces = text.split("\n")
     else:
@@ -112,7 +113,10 @@ class _JsonlFile(Sequence):
     """The `text_field` of each non-blank line of a .jsonl file, parsed on access."""
 
     def __init__(self, path: str, text_field: str):
+        self._name = path
+        path = storage.local_copy(path)  # gs://: one download to the local cache, then local random access
         self._path, self._text_field = path, text_field
+        self._file = None  # an open handle, per process (dropped when pickled for grain workers)
         newlines, size = [], 0
         with open(path, "rb") as f:  # scan in chunks: only the line offsets are kept
             while chunk := f.read(1 << 26):
@@ -134,25 +138,29 @@ class _JsonlFile(Sequence):
     def __len__(self):
         return len(self._starts)
 
+    def __getstate__(self):
+        return {**self.__dict__, "_file": None}
+
     def __getitem__(self, i):
         start, end = int(self._starts[i]), int(self._ends[i])
-        with open(self._path, "rb") as f:
-            f.seek(start)
-            line = f.read(end - start)
+        if self._file is None:  # one handle per process, not an open() per document
+            self._file = open(self._path, "rb")
+        self._file.seek(start)
+        line = self._file.read(end - start)
         try:
             row = json.loads(line)
         except json.JSONDecodeError as e:
-            raise ConfigError(f"config.data.path={self._path!r} line {self._line_number(i)} is not JSON: {e}") from None
+            raise ConfigError(f"config.data.path={self._name!r} line {self._line_number(i)} is not JSON: {e}") from None
         if not isinstance(row, dict) or self._text_field not in row:
             keys = sorted(row) if isinstance(row, dict) else type(row).__name__
             raise ConfigError(
-                f"config.data.text_field={self._text_field!r} absent in {self._path} line "
+                f"config.data.text_field={self._text_field!r} absent in {self._name} line "
                 f"{self._line_number(i)} (keys: {keys})"
             )
         text = row[self._text_field]
         if not isinstance(text, str):
             raise ConfigError(
-                f"config.data.text_field={self._text_field!r} in {self._path} line {self._line_number(i)} "
+                f"config.data.text_field={self._text_field!r} in {self._name} line {self._line_number(i)} "
                 f"is a {type(text).__name__}, not a string"
             )
         return text
@@ -165,10 +173,12 @@ class _JsonlFile(Sequence):
 def _parquet_texts(path: str, text_field: str) -> list[str]:
     import pyarrow.parquet as pq  # pylint: disable=g-import-not-at-top  (optional dependency)
 
-    names = pq.ParquetFile(path).schema_arrow.names
-    if text_field not in names:
-        raise ConfigError(f"config.data.text_field={text_field!r} absent in {path} (columns: {names})")
-    column = pq.read_table(path, columns=[text_field]).column(text_field)
+    with storage.open_file(path) as f:
+        names = pq.ParquetFile(f).schema_arrow.names
+        if text_field not in names:
+            raise ConfigError(f"config.data.text_field={text_field!r} absent in {path} (columns: {names})")
+        f.seek(0)
+        column = pq.read_table(f, columns=[text_field]).column(text_field)
     return [t for t in column.to_pylist() if t]
 
 
@@ -249,16 +259,15 @@ class _TokenShards(Sequence):
     def __init__(self, paths: Sequence[str]):
         from grain import sources  # pylint: disable=g-import-not-at-top
 
-        metadata_path = os.path.join(os.path.dirname(paths[0]), PRETOKENIZED_METADATA)
-        if not os.path.isfile(metadata_path):
+        metadata_path = storage.path(paths[0]).parent / PRETOKENIZED_METADATA
+        if not metadata_path.is_file():
             raise ConfigError(
                 f"config.data.path={paths[0]!r}: no {PRETOKENIZED_METADATA} beside it; arrayrecord shards "
                 "must come from python -m doge_jax.data.pretokenize"
             )
-        with open(metadata_path) as f:
-            self.metadata = json.load(f)
+        self.metadata = json.loads(metadata_path.read_text())
         self._dtype = np.dtype(self.metadata["dtype"])
-        self._source = sources.ArrayRecordDataSource(list(paths))
+        self._source = sources.ArrayRecordDataSource([storage.local_copy(p) for p in paths])
 
     def __len__(self):
         return len(self._source)
@@ -285,6 +294,8 @@ def open_documents(cfg) -> Sequence:
         return _HfDiskTexts(os.path.expanduser(path), cfg.hf_split, cfg.text_field)
     if source == "arrayrecord":
         return _TokenShards(expand_paths(cfg.path, suffixes=(".array_record",)))
+    if source in STREAMED:
+        raise ConfigError(f"config.data.source={source!r} is a stream, not random access (see data/_stream.py)")
     if source == "text" and cfg.text_unit not in TEXT_UNITS:
         raise ConfigError(f"config.data.text_unit={cfg.text_unit!r} is not one of {TEXT_UNITS}")
     paths = expand_paths(cfg.path)

@@ -20,8 +20,10 @@ The shipped default tokenizer (`doge_jax/assets/tokenizer/`) was made on the def
 
 from __future__ import annotations
 
+from doge_jax import storage
 from doge_jax.errors import ConfigError
 
+import copy
 import glob
 import io
 import json
@@ -49,11 +51,18 @@ def load_tokenizer(spec: str):
 
     Returns a `transformers.PreTrainedTokenizerBase`. A hub id (e.g. 'SmallDoge/Doge-tokenizer') needs the
     network or a populated HF cache; a path that looks local but does not exist is an error, not a hub lookup.
+    A gs:// folder is downloaded (a few small files) and loaded from the copy.
     """
     from transformers import AutoTokenizer  # pylint: disable=g-import-not-at-top  (heavy; keep the CLI light)
 
     if not isinstance(spec, str) or not spec:
         raise ConfigError(f'config.data.tokenizer={spec!r} must be "default", a tokenizer directory or a hub id')
+    if storage.is_remote(spec):
+        field = "config.data.tokenizer"
+        storage.check_reachable(storage.path(spec, field=field), field=field)
+        if not (storage.path(spec) / "tokenizer_config.json").exists():
+            raise ConfigError(f"{field}={spec!r} holds no tokenizer_config.json")
+        return storage.with_local_dir(spec, AutoTokenizer.from_pretrained)
     path = DEFAULT_TOKENIZER_DIR if spec == "default" else os.path.expanduser(spec)
     looks_local = spec == "default" or os.path.isabs(path) or spec.startswith(".") or os.path.exists(path)
     if looks_local:
@@ -66,6 +75,28 @@ def load_tokenizer(spec: str):
         return AutoTokenizer.from_pretrained(spec)
     except OSError as e:
         raise ConfigError(f"config.data.tokenizer={spec!r} is neither a local tokenizer dir nor a loadable hub id ({e})") from e
+
+
+def save_for_export(tokenizer, out_dir: str, *, add_bos: bool | None) -> None:
+    """`save_pretrained` of a copy that encodes the way training did: `tokenizer(text)` puts BOS first iff
+    `add_bos` (data.add_bos; None = leave as is) and never appends EOS (EOS ends a training document, not a
+    prompt). Both the tokenizer.json post-processor and tokenizer_config.json's add_bos_token say so, so every
+    loader (transformers, tokenizers, the server) agrees."""
+    tok = copy.deepcopy(tokenizer)
+    if add_bos is not None and hasattr(tok, "add_bos_token"):
+        tok.add_bos_token = bool(add_bos)  # rebuilds the post-processor (LlamaTokenizer / TokenizersBackend)
+        if hasattr(tok, "add_eos_token"):
+            tok.add_eos_token = False
+    tok.save_pretrained(out_dir)
+    if add_bos is None:
+        return
+    config_path = os.path.join(out_dir, "tokenizer_config.json")
+    with open(config_path, encoding="utf-8") as f:
+        config = json.load(f)
+    config.update(add_bos_token=bool(add_bos), add_eos_token=False)
+    with open(config_path, "w", encoding="utf-8") as f:
+        json.dump(config, f, indent=2, ensure_ascii=False)
+        f.write("\n")
 
 
 def _lines(documents: Iterable[str]) -> Iterator[str]:

@@ -14,7 +14,6 @@ a run can continue on a different mesh or number of hosts.
 from __future__ import annotations
 
 import json
-import os
 from typing import Any
 
 import jax
@@ -22,7 +21,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
-from doge_jax import checkpoint as ckpt
+from doge_jax import checkpoint as ckpt, storage
 from doge_jax.model.config import DogeConfig
 
 TRAIN_ITEMS = ("params", "opt_state", "train_state")
@@ -32,7 +31,7 @@ class Checkpointer:
     """Saves and restores the train state of one workdir (async saves, keep-last-K)."""
 
     def __init__(self, workdir: str, *, keep: int, async_save: bool):
-        self.root = os.path.join(os.path.abspath(workdir), ckpt.CHECKPOINTS)
+        self.root = checkpoints_root(workdir)
         self.mngr = ckpt.manager(self.root, max_to_keep=keep if keep > 0 else None, async_save=async_save)
 
     def latest_step(self) -> int | None:
@@ -54,10 +53,21 @@ class Checkpointer:
         self.mngr.close()
 
 
+def checkpoints_root(workdir: str) -> str:
+    """WORKDIR/checkpoints, a local path or a gs:// URL."""
+    return storage.join(str(storage.path(workdir, field="--workdir")), ckpt.CHECKPOINTS)
+
+
+def latest_step(workdir: str) -> int | None:
+    """The last complete step in WORKDIR, read without creating anything (a bad run writes nothing)."""
+    found = ckpt.steps(checkpoints_root(workdir))
+    return found[-1] if found else None
+
+
 def is_train_checkpoint(ref: ckpt.CheckpointRef) -> bool:
     """A full training checkpoint (vs a params-only one, e.g. from `convert from-hf`)."""
-    step_dir = os.path.join(ref.root, str(ref.step))
-    return all(os.path.isdir(os.path.join(step_dir, item)) for item in TRAIN_ITEMS)
+    step_dir = storage.path(ref.root) / str(ref.step)
+    return all((step_dir / item).is_dir() for item in TRAIN_ITEMS)
 
 
 def restore(ref: ckpt.CheckpointRef, target: dict) -> tuple[dict, dict]:

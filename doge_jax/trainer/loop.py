@@ -17,9 +17,7 @@ import functools
 import logging
 import math
 import os
-import shutil
 import signal
-import tempfile
 import threading
 import time
 
@@ -31,7 +29,7 @@ from flax import nnx
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from doge_jax import checkpoint as ckpt
+from doge_jax import checkpoint as ckpt, storage
 from doge_jax.kernels import target
 from doge_jax.model import decoder as model_lib
 from doge_jax.parallel import sharding as sh
@@ -85,7 +83,7 @@ class Trainer:
         train (the DPO / GRPO reference): architecture from the checkpoint, runtime fields from config.model,
         parameters loaded sharded by the policy's rules and passed to the jitted step as an argument."""
         self.config = config
-        self.workdir = os.path.abspath(os.path.expanduser(workdir))
+        self.workdir = str(storage.path(workdir, field="--workdir"))  # a gs:// URL stays one
         self.loss_fn = loss_fn or functools.partial(step_lib.pretrain_loss, z_loss_coef=config.z_loss_coef)
         self._batch_source, self.tokenizer, self._mesh = batch_source, tokenizer, mesh
         self._frozen_paths = dict(frozen or {})
@@ -96,9 +94,9 @@ class Trainer:
     # ----------------------------------------------------------------------------------------------------- setup
     def _where_to_start(self):
         cfg = self.config
-        latest = self.checkpointer.latest_step()
+        latest = checkpointing.latest_step(self.workdir)
         if latest is not None:
-            return "resume", ckpt.CheckpointRef(self.checkpointer.root, latest)
+            return "resume", ckpt.CheckpointRef(checkpointing.checkpoints_root(self.workdir), latest)
         for kind, field in (("resume", "resume_from"), ("init", "init_from")):
             if cfg[field]:
                 try:
@@ -134,26 +132,22 @@ class Trainer:
         return model_cfg
 
     def _save_tokenizer(self):
-        """WORKDIR/tokenizer (save_pretrained, written whole then renamed): what `convert to-hf` ships."""
-        out = os.path.join(self.workdir, ckpt.TOKENIZER)
-        if self.tokenizer is None or os.path.isdir(out) or jax.process_index() != 0:
+        """WORKDIR/tokenizer (written whole, then renamed or uploaded): what `convert to-hf` ships. It encodes
+        as training did: BOS first when config.data.add_bos (doge_jax.data.tokenizer.save_for_export)."""
+        from doge_jax.data.tokenizer import save_for_export
+
+        out = storage.join(self.workdir, ckpt.TOKENIZER)
+        if self.tokenizer is None or storage.path(out).is_dir() or jax.process_index() != 0:
             return
-        tmp = tempfile.mkdtemp(prefix=".tokenizer-", dir=self.workdir)
-        try:
-            self.tokenizer.save_pretrained(tmp)
-            os.chmod(tmp, 0o755)
-            os.rename(tmp, out)
-        finally:
-            if os.path.isdir(tmp):
-                shutil.rmtree(tmp)
+        add_bos = bool(self.config.data.add_bos) if "data" in self.config else None
+        with storage.local_folder(out) as tmp:
+            save_for_export(self.tokenizer, tmp, add_bos=add_bos)
 
     def _setup(self):
         cfg = self.config
         self.mesh = self._mesh or make_mesh(cfg.mesh)
         self.replicated = NamedSharding(self.mesh, P())
-        os.makedirs(self.workdir, exist_ok=True)
-        self.checkpointer = checkpointing.Checkpointer(self.workdir, keep=cfg.checkpoint.keep,
-                                                       async_save=cfg.checkpoint.async_save)
+        storage.check_reachable(self.workdir, field="--workdir")  # reads only: a bad run writes nothing
         self.start_kind, self.start_ref = self._where_to_start()
         if self.start_kind == "resume" and not checkpointing.is_train_checkpoint(self.start_ref):
             raise ConfigError(f"{self.start_ref.root}/{self.start_ref.step} holds params only (no optimizer or data "
@@ -291,8 +285,10 @@ class Trainer:
         """Trains to config.total_steps (or until SIGTERM); returns the last logged record."""
         cfg = self.config
         self._setup()
-        self._save_tokenizer()
         batches = self._train_batches()
+        self.checkpointer = checkpointing.Checkpointer(self.workdir, keep=cfg.checkpoint.keep,  # creates WORKDIR
+                                                       async_save=cfg.checkpoint.async_save)
+        self._save_tokenizer()
         state = self._start_state()
         self.frozen_params = self._load_frozen()
         self._compile_steps()
@@ -404,7 +400,7 @@ class Trainer:
         one runs, so the host never waits on the device just to log."""
         profile = self.config.profile
         if profile.start_step >= 0 and step == profile.start_step and self.is_main:
-            jax.profiler.start_trace(os.path.join(self.workdir, "profile"))
+            jax.profiler.start_trace(storage.join(self.workdir, "profile"))
         batch = next(batches)
         state, step_metrics = self.train_step(state, batch)
         step += 1

@@ -3,53 +3,56 @@ JSON object per logged step), TensorBoard scalars in WORKDIR/tensorboard, and WO
 
 Only process 0 writes. On resume the log is cut back to the restored step (lines a killed run wrote after its
 last checkpoint are dropped, as are TensorBoard events past it), so the files read as one uninterrupted run.
+
+On a gs:// workdir (objects cannot be appended to) metrics.jsonl is rewritten whole at each logged step (one
+small upload), and TensorBoard writes to a local folder whose event files are uploaded to WORKDIR/tensorboard
+every `_TB_UPLOAD_SECONDS` and at the end.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import math
-import os
+import shutil
 import sys
 import tempfile
+import time
 
 from tqdm.auto import tqdm
 
+from doge_jax import storage
+
 METRICS_FILE = "metrics.jsonl"
 PLOT_FILE = "loss.png"
+_TB_UPLOAD_SECONDS = 60.0
 
 
-def _atomic_write(path: str, write) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=os.path.dirname(path))
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+def _kept_lines(path: str, last_step: int) -> list[bytes]:
+    """The complete lines of `path` whose step is ≤ last_step (a kill can leave a half-written line)."""
+    if not storage.path(path).exists():
+        return []
+    kept = []
+    for line in io.BytesIO(storage.path(path).read_bytes()):
+        if not line.endswith(b"\n"):
+            break
+        try:
+            if json.loads(line)["step"] <= last_step:
+                kept.append(line)
+        except (ValueError, KeyError, TypeError):
+            continue
+    return kept
 
 
 def truncate_jsonl(path: str, last_step: int) -> None:
-    """Keeps the complete lines of `path` whose step is ≤ last_step (a kill can leave a half-written line)."""
-    if not os.path.exists(path):
-        return
-    kept = []
-    with open(path, "rb") as f:
-        for line in f:
-            if not line.endswith(b"\n"):
-                break
-            try:
-                if json.loads(line)["step"] <= last_step:
-                    kept.append(line)
-            except (ValueError, KeyError, TypeError):
-                continue
-    _atomic_write(path, lambda f: f.writelines(kept))
+    """Keeps the complete lines of `path` whose step is ≤ last_step."""
+    if storage.path(path).exists():
+        storage.write_bytes_atomic(path, b"".join(_kept_lines(path, last_step)))
 
 
 def read_jsonl(path: str) -> list[dict]:
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.endswith("\n")]
+    text = storage.path(path).read_text()
+    return [json.loads(line) for line in text.splitlines(keepends=True) if line.endswith("\n")]
 
 
 def format_line(record: dict, total_steps: int) -> str:
@@ -77,17 +80,22 @@ class RunLog:
                  tensorboard: bool):
         self.enabled = enabled
         self.total_steps = total_steps
-        self.path = os.path.join(workdir, METRICS_FILE)
+        self.path = storage.join(workdir, METRICS_FILE)
+        self.remote = storage.is_remote(workdir)
         self.tb = None
         self.bar = None
         if not enabled:
             return
-        truncate_jsonl(self.path, start_step)
+        self._lines = _kept_lines(self.path, start_step)  # the whole file, when it is rewritten at each write
+        if storage.path(self.path).exists():
+            storage.write_bytes_atomic(self.path, b"".join(self._lines))
         if tensorboard:
             from tensorboardX import SummaryWriter
 
-            self.tb = SummaryWriter(os.path.join(workdir, "tensorboard"),
-                                    purge_step=start_step + 1 if start_step > 0 else None, flush_secs=30)
+            tb_dir = storage.join(workdir, "tensorboard")
+            self._tb_remote, self._tb_uploaded = (tb_dir, time.monotonic()) if self.remote else (None, 0.0)
+            local_dir = tempfile.mkdtemp(prefix=".doge-tb-") if self.remote else tb_dir
+            self.tb = SummaryWriter(local_dir, purge_step=start_step + 1 if start_step > 0 else None, flush_secs=30)
         # disable=None: a bar on a terminal, none in a log file (the per-step lines still print).
         self.bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True, file=sys.stderr,
                         disable=None if progress_bar else True)
@@ -101,14 +109,26 @@ class RunLog:
         if not self.enabled:
             return
         record = {k: v for k, v in record.items() if v is not None}
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        line = json.dumps(record) + "\n"
+        if self.remote:
+            self._lines.append(line.encode())
+            storage.write_bytes_atomic(self.path, b"".join(self._lines))
+        else:
+            with open(self.path, "a") as f:
+                f.write(line)
         if self.tb is not None:
             for key, value in record.items():
                 if key != "step" and isinstance(value, (int, float)) and math.isfinite(value):
                     self.tb.add_scalar(key.replace("eval_", "eval/", 1) if key.startswith("eval_") else f"train/{key}",
                                        value, record["step"])
+            if self._tb_remote and time.monotonic() - self._tb_uploaded > _TB_UPLOAD_SECONDS:
+                self._upload_tensorboard()
         self.info(format_line(record, self.total_steps))
+
+    def _upload_tensorboard(self) -> None:
+        self.tb.flush()
+        storage.upload_dir(self.tb.logdir, self._tb_remote)
+        self._tb_uploaded = time.monotonic()
 
     def info(self, message: str) -> None:
         if self.enabled:
@@ -120,12 +140,15 @@ class RunLog:
             self.bar.close()
         if self.tb is not None:
             self.tb.close()
+            if self._tb_remote:
+                storage.upload_dir(self.tb.logdir, self._tb_remote)
+                shutil.rmtree(self.tb.logdir, ignore_errors=True)
 
 
 def plot_loss(workdir: str) -> str | None:
     """WORKDIR/loss.png: train loss (and eval loss) against step, from metrics.jsonl."""
-    path = os.path.join(workdir, METRICS_FILE)
-    if not os.path.exists(path):
+    path = storage.join(workdir, METRICS_FILE)
+    if not storage.path(path).exists():
         return None
     records = read_jsonl(path)
     train = [(r["step"], r["loss"]) for r in records if "loss" in r]
@@ -144,11 +167,13 @@ def plot_loss(workdir: str) -> str | None:
         ax.plot(*zip(*evals), "o-", label="eval loss", ms=3)
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
-    ax.set_title(os.path.basename(os.path.abspath(workdir)))
+    ax.set_title(storage.path(workdir).name)
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    out = os.path.join(workdir, PLOT_FILE)
-    _atomic_write(out, lambda f: fig.savefig(f, format="png"))
+    out = storage.join(workdir, PLOT_FILE)
+    png = io.BytesIO()
+    fig.savefig(png, format="png")
+    storage.write_bytes_atomic(out, png.getvalue())
     plt.close(fig)
     return out
