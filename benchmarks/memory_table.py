@@ -154,7 +154,7 @@ def measure(config, n: int, *, constraints: bool = True) -> dict:
         with tempfile.TemporaryDirectory() as workdir:
             trainer = Trainer(config, workdir, mesh=make_mesh(config.mesh, devices=jax.devices()[:n]))
             compiled = trainer.lower_train_step(batch).compile()
-            trainer.checkpointer.close()
+
     finally:
         sh.constrain = original
     mem = compiled.memory_analysis()

@@ -354,10 +354,10 @@ class Trainer:
             out_shardings=(self.state_sharding, self.replicated), donate_argnums=0)
         train_step = _traced_under_mesh(self.jitted_train_step, self.mesh)
         self.train_step = lambda state, batch: train_step(state, batch, self.frozen_params)
-        eval_step = step_lib.make_eval_step(self.eval_graphdef, _concrete(self.rest_abstract), self.loss_fn,
-                                            self.frozen_defs)
+        eval_fn = step_lib.make_eval_step(self.eval_graphdef, _concrete(self.rest_abstract), self.loss_fn,
+                                          self.frozen_defs)
         eval_step = _traced_under_mesh(
-            jax.jit(lambda p, b, f: eval_step(p, jax.tree.map(lambda x: x[0], b), f),
+            jax.jit(lambda p, b, f: eval_fn(p, jax.tree.map(lambda x: x[0], b), f),
                     in_shardings=(self.param_sharding, self.batch_sharding, self.frozen_sharding),
                     out_shardings=self.replicated), self.mesh)
         self.eval_step = lambda params, batch: eval_step(params, batch, self.frozen_params)
