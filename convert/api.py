@@ -11,6 +11,7 @@ import numpy as np
 from convert import hf
 from doge_jax import checkpoint as ckpt
 from doge_jax import model as model_lib
+from doge_jax.eval import results as eval_results
 
 HUB_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"]
 
@@ -109,9 +110,12 @@ def _generation_config(cfg):
 def _model_card(out: str, cfg, ref, dtype: str, has_tokenizer: bool, repo_id: str | None) -> None:
     n = model_lib.count_params(cfg)
     name = repo_id or os.path.basename(os.path.abspath(ref.workdir))
+    meta = ["library_name: transformers", "pipeline_tag: text-generation", "tags: [doge, doge-jax]"]
+    evals = eval_results.read_card_entries(ref.workdir)  # written by `python -m doge_jax.eval` / training
+    if evals:
+        meta.append("model-index: " + json.dumps(eval_results.model_index(evals, name)))  # JSON is YAML too
     lines = [
-        "---", "library_name: transformers", "pipeline_tag: text-generation", "tags: [doge, doge-jax]",
-        "---", f"# {name}", "",
+        "---", *meta, "---", f"# {name}", "",
         f"A Doge causal language model ({n / 1e6:.1f}M parameters) trained with doge-jax and exported at step "
         f"{ref.step} in {dtype}. It loads with transformers' native `DogeForCausalLM` (no `trust_remote_code`).",
         "", "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer",

@@ -7,6 +7,7 @@ the caller's own task YAMLs.
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Sequence
 
@@ -16,10 +17,17 @@ TASKS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tasks")
 
 
 def task_manager(include_path: str | Sequence[str] | None = None):
+    """lm-eval's TaskManager over its own tasks, ours and `include_path`. Indexing every task YAML lm-eval ships
+    takes ~15 s on our CPU, so one manager per set of paths is kept (training evaluates many times)."""
+    extra = (include_path,) if isinstance(include_path, str) else tuple(include_path or ())
+    return _task_manager((TASKS_DIR, *(os.path.abspath(p) for p in extra)))
+
+
+@functools.lru_cache(maxsize=8)
+def _task_manager(paths: tuple[str, ...]):
     from lm_eval.tasks import TaskManager
 
-    extra = [include_path] if isinstance(include_path, str) else list(include_path or [])
-    return TaskManager(include_path=[TASKS_DIR, *extra])
+    return TaskManager(include_path=list(paths))
 
 
 def check_tasks(tasks: Sequence[str], manager) -> list[str]:
