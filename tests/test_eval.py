@@ -277,3 +277,57 @@ def test_bad_arguments_are_one_line_errors(setup):
         DogeJaxLM(model=setup["model"], tokenizer=load_tokenizer("default"), pretrained="x")
     with pytest.raises(FileNotFoundError, match="checkpoint="):
         DogeJaxLM(checkpoint=str(setup["tmp"] / "missing"))
+
+
+_MESH_CHECK = """
+import numpy as np, jax
+from jax.sharding import Mesh
+import doge_jax
+from doge_jax import model as model_lib, sharding as sh
+from doge_jax.eval.scoring import Scorer
+cfg = doge_jax.DogeConfig(vocab_size=512, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                          keep_window_size=64)
+model = model_lib.build(cfg, seed=1)
+mesh = Mesh(np.array(jax.devices()).reshape(2, 1, 2, 1), sh.MESH_AXES)
+rng = np.random.default_rng(0)
+reqs = [(rng.integers(4, 512, size=int(rng.integers(3, 60))).tolist(), 0) for _ in range(11)]
+reqs = [(t, int(rng.integers(1, len(t)))) for t, _ in reqs]
+plain, sharded = Scorer(model, batch_size=4), Scorer(model, batch_size=4, mesh=mesh)
+for (a, ga), (b, gb) in zip(plain(reqs), sharded(reqs)):
+    np.testing.assert_allclose(a, b, atol=2e-5, rtol=0)
+    assert (ga == gb).all()
+assert sharded.dp == 2 and all(rows % 2 == 0 for rows, _ in sharded.compiled_shapes)
+print("ok", sorted(sharded.compiled_shapes))
+"""
+
+
+def test_scoring_on_a_mesh_equals_one_device():
+    """Parameters sharded by the logical-axis table, the batch over `data`: same log-likelihoods (4 CPU devices)."""
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "PYTHONPATH": REPO}
+    proc = subprocess.run([sys.executable, "-c", _MESH_CHECK], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and proc.stdout.startswith("ok"), proc.stderr[-3000:]
+
+
+def test_length_buckets_keep_compiles_few():
+    from doge_jax.eval.scoring import length_bucket, rows_bucket
+
+    assert [length_bucket(n) for n in (1, 16, 17, 25, 33, 100, 2048)] == [16, 16, 24, 32, 48, 128, 2048]
+    assert all(n <= length_bucket(n) <= max(16, 1.5 * n) for n in range(1, 5000))
+    assert len({length_bucket(n) for n in range(1, 2049)}) == 15  # every length up to 2048: 15 programs
+    assert [rows_bucket(n, 12) for n in (1, 3, 5, 12, 13)] == [1, 4, 8, 12, 12]
+    assert rows_bucket(3, 12, multiple=8) == 8
+
+
+def test_evaluating_again_compiles_nothing_new(setup):
+    """Training evaluates every eval_every steps with a fresh DogeJaxLM: the programs are reused."""
+    from doge_jax.eval import scoring
+
+    rng = np.random.default_rng(5)
+    reqs = [(rng.integers(4, 8192, size=n).tolist(), 2) for n in (5, 20, 40)]
+    first = Scorer(setup["model"], pad_id=3)(reqs)
+    size = scoring._compiled(None)._cache_size()
+    second = Scorer(setup["model"], pad_id=3)(reqs)
+    assert scoring._compiled(None)._cache_size() == size
+    for (a, _), (b, _) in zip(first, second):
+        np.testing.assert_array_equal(a, b)

@@ -15,6 +15,7 @@ data-parallel axes, and results come back replicated, so every process reads the
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 
@@ -56,6 +57,16 @@ def _token_logprobs(graphdef, state, ids, targets):
     return picked, jnp.argmax(logits, axis=-1) == targets
 
 
+@functools.lru_cache(maxsize=None)
+def _compiled(mesh: Mesh | None):
+    """One jitted function per mesh, shared by every Scorer: evaluating again during training (same graphdef,
+    same shapes) reuses the programs compiled the first time."""
+    if mesh is None:
+        return jax.jit(_token_logprobs, static_argnums=0)
+    replicated = NamedSharding(mesh, P())
+    return jax.jit(_token_logprobs, static_argnums=0, out_shardings=(replicated, replicated))
+
+
 class Scorer:
     """Scores token sequences with one model (see the module docstring).
 
@@ -73,9 +84,9 @@ class Scorer:
         self.max_batch_tokens = max_batch_tokens
         self.mesh = mesh
         self.graphdef, state = nnx.split(model)
+        self._fn = _compiled(mesh)
         if mesh is None:
             self.state, self.dp = state, 1
-            self._fn = jax.jit(_token_logprobs, static_argnums=0)
             self._batch_sharding = None
         else:
             self.state = jax.device_put(state, sh.state_shardings(state, mesh))
@@ -83,8 +94,6 @@ class Scorer:
             spec = self._batch_sharding.spec[0]
             axes = () if spec is None else ((spec,) if isinstance(spec, str) else spec)
             self.dp = math.prod(mesh.shape[a] for a in axes)
-            replicated = NamedSharding(mesh, P())
-            self._fn = jax.jit(_token_logprobs, static_argnums=0, out_shardings=(replicated, replicated))
         self.compiled_shapes: set[tuple[int, int]] = set()  # (rows, length) of every program run so far
 
     def _run(self, ids: np.ndarray, targets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
