@@ -11,6 +11,7 @@ import os
 import subprocess
 import sys
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -331,3 +332,33 @@ def test_evaluating_again_compiles_nothing_new(setup):
     assert scoring._compiled(None)._cache_size() == size
     for (a, _), (b, _) in zip(first, second):
         np.testing.assert_array_equal(a, b)
+
+
+def test_run_tasks_contract(setup, jax_route, tmp_path):
+    """What training calls every eval_every steps: flat metrics for the first `limit` documents."""
+    from doge_jax.eval import run_tasks
+
+    _, jax_out = jax_route
+    metrics = run_tasks(setup["model"], load_tokenizer("default"), [TASK], 5, batch_size=4,
+                        include_path=setup["tasks"], workdir=str(tmp_path), step=9)
+    assert set(metrics) == {f"eval/{TASK}/acc", f"eval/{TASK}/acc_norm"}
+    ll = _per_choice(jax_out)[:5]
+    targets = [s["target"] for s in sorted(jax_out["samples"][TASK], key=lambda s: s["doc_id"])][:5]
+    assert metrics[f"eval/{TASK}/acc"] == pytest.approx(np.mean(np.argmax(ll, axis=1) == np.array(targets)))
+    recorded = results.read_card_entries(str(tmp_path))
+    assert recorded["step"] == 9 and recorded["limit"] == 5
+
+
+def test_remote_checkpoint_copy_takes_one_step_and_the_tokenizer(setup, tmp_path):
+    """The gs:// route copies through etils.epath; here the same code reads a local path (no GCS offline)."""
+    from doge_jax.eval.loading import fetch_remote_checkpoint
+
+    for src in (setup["workdir"], os.path.join(setup["workdir"], ckpt.CHECKPOINTS, "5")):
+        dst = fetch_remote_checkpoint(src, str(tmp_path / os.path.basename(src)))
+        assert sorted(os.listdir(os.path.join(dst, ckpt.CHECKPOINTS))) == ["5"]
+        assert os.path.isdir(os.path.join(dst, ckpt.TOKENIZER))
+        a, b = ckpt.params_of(ckpt.load_model(dst)), ckpt.params_of(setup["model"])
+        for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+            np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    with pytest.raises(ValueError, match="step=7 not in checkpoint"):
+        fetch_remote_checkpoint(setup["workdir"], str(tmp_path / "x"), step=7)

@@ -11,6 +11,8 @@ import functools
 import os
 from collections.abc import Sequence
 
+import jax
+
 from doge_jax.eval import results as results_lib
 
 TASKS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tasks")
@@ -65,15 +67,21 @@ def evaluate(lm, tasks: Sequence[str], *, limit: int | float | None = None, num_
 
 
 def run_tasks(model, tokenizer, tasks: list[str], limit: int | None, *, batch_size: int = 16, mesh=None,
-              max_batch_tokens: int = 8192, include_path: str | Sequence[str] | None = None) -> dict[str, float]:
+              max_batch_tokens: int = 8192, include_path: str | Sequence[str] | None = None,
+              workdir: str | None = None, step: int | None = None) -> dict[str, float]:
     """Evaluates an in-memory model on lm-eval `tasks` (at most `limit` documents each) and returns flat metrics,
-    e.g. {"eval/arc_easy/acc": 0.41, "eval/arc_easy/acc_norm": 0.44}.
+    e.g. {"eval/arc_easy/acc": 0.41, "eval/arc_easy/acc_norm": 0.44} (stderr left out).
 
     model: a doge_jax Doge (its parameters may already live on `mesh`); tokenizer: an HF tokenizer or a folder
-    holding one; mesh: the training mesh (the batch is split over its data axes). Every process of a multi-host
-    job must call it with the same arguments."""
+    holding one; mesh: the training mesh (the batch is split over its data axes). With `workdir`, also writes
+    WORKDIR/eval_results.json (what `convert to-hf` puts in the model card), recording `step`. Every process of a
+    multi-host job must call it with the same arguments. lm-eval reseeds Python's, numpy's and torch's global
+    RNGs (seed 1234) on each call; JAX keys are untouched."""
     from doge_jax.eval.lm import DogeJaxLM
 
     lm = DogeJaxLM(model=model, tokenizer=tokenizer, batch_size=batch_size, max_batch_tokens=max_batch_tokens,
                    mesh=mesh)
-    return results_lib.flatten(evaluate(lm, tasks, limit=limit, include_path=include_path))
+    out = evaluate(lm, tasks, limit=limit, include_path=include_path)
+    if workdir is not None and jax.process_index() == 0:
+        results_lib.write(out, workdir=workdir, limit=limit, step=step)
+    return results_lib.flatten(out)

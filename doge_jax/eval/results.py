@@ -54,7 +54,8 @@ def task_metrics(results: dict) -> dict[str, dict[str, float]]:
     for task, entries in results.get("results", {}).items():
         metrics = {}
         for key, value in entries.items():
-            if key == "alias" or "_stderr" in key or isinstance(value, bool) or not isinstance(value, (int, float)):
+            if key in ("alias", "sample_len", "sample_count") or "_stderr" in key or isinstance(value, bool) \
+                    or not isinstance(value, (int, float)):
                 continue
             name, _, filt = key.partition(",")
             metrics[name if filt in ("", "none") else f"{name}_{filt}"] = float(value)

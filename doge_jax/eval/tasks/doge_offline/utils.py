@@ -17,7 +17,7 @@ import sysconfig
 import datasets
 import numpy as np
 
-MIN_WORDS = 20
+MIN_WORDS, MAX_WORDS = 20, 100  # contexts + endings of ~30-150 tokens: they fit a 256-token tiny model
 MAX_DOCS = 200
 
 
@@ -34,7 +34,7 @@ def _docstrings() -> list[str]:
             if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
                 doc = ast.get_docstring(node)
                 text = " ".join(doc.split()) if doc else ""
-                if len(text.split()) >= MIN_WORDS and text not in seen:
+                if MIN_WORDS <= len(text.split()) <= MAX_WORDS and text not in seen:
                     seen.add(text)
                     out.append(text)
     if not out:
