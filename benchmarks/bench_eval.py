@@ -43,8 +43,9 @@ def write_task(folder: str, docs: int, seed: int = 0) -> None:
     sentence = lambda lo, hi: " ".join(rng.choice(WORDS, size=int(rng.integers(lo, hi))))  # noqa: E731
     with open(os.path.join(folder, "data.jsonl"), "w") as f:
         for _ in range(docs):
-            f.write(json.dumps({"context": sentence(20, 80).capitalize(), "endings": [sentence(3, 12) for _ in range(4)],
-                                "label": int(rng.integers(4))}) + "\n")
+            doc = {"context": sentence(20, 80).capitalize(), "endings": [sentence(3, 12) for _ in range(4)],
+                   "label": int(rng.integers(4))}
+            f.write(json.dumps(doc) + "\n")
     with open(os.path.join(folder, f"{TASK}.yaml"), "w") as f:
         f.write(f"task: {TASK}\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: "
                 f"{os.path.join(folder, 'data.jsonl')}\noutput_type: multiple_choice\ntest_split: test\n"

@@ -292,7 +292,7 @@ cfg = doge_jax.DogeConfig(vocab_size=512, hidden_size=64, intermediate_size=96, 
 model = model_lib.build(cfg, seed=1)
 mesh = Mesh(np.array(jax.devices()).reshape(2, 1, 2, 1), sh.MESH_AXES)
 rng = np.random.default_rng(0)
-reqs = [(rng.integers(4, 512, size=int(rng.integers(3, 60))).tolist(), 0) for _ in range(11)]
+reqs = [(rng.integers(4, 512, size=int(rng.integers(3, 25))).tolist(), 0) for _ in range(11)]
 reqs = [(t, int(rng.integers(1, len(t)))) for t, _ in reqs]
 plain, sharded = Scorer(model, batch_size=4), Scorer(model, batch_size=4, mesh=mesh)
 for (a, ga), (b, gb) in zip(plain(reqs), sharded(reqs)):
