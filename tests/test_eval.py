@@ -173,6 +173,8 @@ def test_server_echo_logprobs_match_jax(setup, server):
         only = client.completions.create(model="tiny-doge", prompt=ids, max_tokens=0, echo=True, logprobs=2)
         plus = client.completions.create(model="tiny-doge", prompt=ids, max_tokens=3, echo=True, logprobs=1,
                                          temperature=0)
+        chunks = list(client.completions.create(model="tiny-doge", prompt=ids, max_tokens=0, echo=True, logprobs=1,
+                                                stream=True))
     lp = only.choices[0].logprobs
     assert len(lp.tokens) == len(ids) and lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
     np.testing.assert_allclose(lp.token_logprobs[1:], want, atol=1e-4, rtol=0)
@@ -182,6 +184,11 @@ def test_server_echo_logprobs_match_jax(setup, server):
         assert len(lp.top_logprobs[t]) == 2
         assert (max(lp.top_logprobs[t].values()) == pytest.approx(lp.token_logprobs[t], abs=1e-6)) == greedy[t - 1]
     assert only.choices[0].finish_reason == "length" and only.usage.completion_tokens == 0
+
+    # Streamed, the echo (text and logprobs) is the first chunk; the last one says why it ended.
+    assert chunks[0].choices[0].text == only.choices[0].text
+    np.testing.assert_allclose(chunks[0].choices[0].logprobs.token_logprobs[1:], want, atol=1e-4, rtol=0)
+    assert chunks[-1].choices[0].finish_reason == "length"
 
     lp2 = plus.choices[0].logprobs
     assert len(lp2.tokens) == len(ids) + plus.usage.completion_tokens
