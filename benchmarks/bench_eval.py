@@ -2,6 +2,7 @@
 
     python benchmarks/bench_eval.py                           # Doge-20M shape, 64 docs x 4 choices, batch 16
     python benchmarks/bench_eval.py --config configs/doge_tiny.py --docs 128 --batch-size 32
+    python benchmarks/bench_eval.py --server       # + lm-eval local-completions through `python -m serve`
 
 Weights are random (the preset's shape, `A` drawn from N(0, 0.5) so the DMA mask varies); the task is a
 multiple-choice YAML over a jsonl this script writes (contexts of 20-80 words, 4 endings of 3-12 words: ARC /
@@ -53,12 +54,40 @@ def write_task(folder: str, docs: int, seed: int = 0) -> None:
                 "target_delimiter: ' '\nmetric_list:\n  - metric: acc\n  - metric: acc_norm\n")
 
 
+def start_server(model_dir: str, log_dir: str):
+    """`python -m serve` on a free port (one torch thread, as the serve tests run it); (process, base URL)."""
+    import socket
+    import subprocess
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log = open(os.path.join(log_dir, "serve.log"), "wb")
+    proc = subprocess.Popen([sys.executable, "-m", "serve", "--model", model_dir, "--port", str(port),
+                             "--served-model-name", "bench", "--threads", "1", "--log-level", "warning"],
+                            stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(600):
+        try:
+            urllib.request.urlopen(url + "/health", timeout=2)
+            return proc, url
+        except OSError:
+            if proc.poll() is not None:
+                break
+            time.sleep(0.2)
+    proc.kill()
+    raise RuntimeError(f"server did not start; see {log.name}")
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--config", default="configs/doge_20m.py")
     p.add_argument("--docs", type=int, default=64)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own choice)")
+    p.add_argument("--server", action="store_true",
+                   help="also time lm-eval's local-completions against `python -m serve` on the export")
     args = p.parse_args(argv)
 
     import jax
@@ -93,12 +122,24 @@ def main(argv=None) -> int:
             "doge_jax": DogeJaxLM(checkpoint=run, batch_size=args.batch_size),
             "lm-eval hf": HFLM(pretrained=hf_dir, dtype="float32", device="cpu", batch_size=args.batch_size),
         }
+        if args.server:
+            server = start_server(hf_dir, tmp)
+            backends["local-completions"] = lm_eval.api.registry.get_model("local-completions")(
+                model="bench", base_url=f"{server[1]}/v1/completions", tokenizer=hf_dir,
+                tokenizer_backend="huggingface", tokenized_requests=True, batch_size=args.batch_size,
+                max_length=cfg.max_position_embeddings)
         timings, outs = {}, {}
-        for name, lm in backends.items():
-            for attempt in range(2):  # the first run compiles (JAX) / warms up (torch)
-                t0 = time.perf_counter()
-                outs[name] = lm_eval.simple_evaluate(model=lm, tasks=[TASK], task_manager=manager, log_samples=True)
-                timings[name] = time.perf_counter() - t0
+        try:
+            for name, lm in backends.items():
+                for attempt in range(2):  # the first run compiles (JAX) / warms up (torch)
+                    t0 = time.perf_counter()
+                    outs[name] = lm_eval.simple_evaluate(model=lm, tasks=[TASK], task_manager=manager,
+                                                         log_samples=True)
+                    timings[name] = time.perf_counter() - t0
+        finally:
+            if args.server:
+                server[0].terminate()
+                server[0].wait(timeout=30)
     requests = 4 * args.docs
     ll = {n: np.array([[r[0][0] for r in s["resps"]] for s in sorted(o["samples"][TASK], key=lambda s: s["doc_id"])])
           for n, o in outs.items()}
@@ -108,8 +149,11 @@ def main(argv=None) -> int:
           f"torch_threads={torch.get_num_threads()} cpus={os.cpu_count()}")
     for name, seconds in timings.items():
         print(f"  {name:12s} {requests / seconds:8.1f} requests/s   ({seconds:.2f} s, acc {acc[name]:.4f})")
-    print(f"  speedup {timings['lm-eval hf'] / timings['doge_jax']:.2f}x   max |dLL| "
-          f"{np.max(np.abs(ll['doge_jax'] - ll['lm-eval hf'])):.2e}   accuracies equal: {len(set(acc.values())) == 1}")
+    print(f"  speedup doge_jax / lm-eval hf {timings['lm-eval hf'] / timings['doge_jax']:.2f}x   "
+          f"accuracies equal: {len(set(acc.values())) == 1}")
+    for name in ll:
+        if name != "lm-eval hf":
+            print(f"  max |dLL| {name} vs lm-eval hf: {np.max(np.abs(ll[name] - ll['lm-eval hf'])):.2e}")
     return 0
 
 
