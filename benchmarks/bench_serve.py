@@ -71,7 +71,7 @@ def build(shape: str, root: Path):
     """(hf_dir, jax_model, param count) of a random model in `shape`, with a tokenizer covering its vocab."""
     from convert import to_hf
     from doge_jax import checkpoint as ckpt
-    from doge_jax import model as model_lib
+    from doge_jax.model import decoder as model_lib
     from doge_jax.config import DogeConfig
     from serve_testing import make_tokenizer
 

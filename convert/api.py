@@ -12,6 +12,7 @@ import numpy as np
 from convert import hf
 from convert.legacy import layout as legacy
 from doge_jax import checkpoint as ckpt, storage
+from doge_jax.eval import results as eval_results
 from doge_jax.model import decoder as model_lib
 
 HUB_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"]
@@ -198,9 +199,12 @@ def _model_card(out: str, cfg, ref, dtype: str, has_tokenizer: bool, repo_id: st
         about = (f"trained with doge-jax and exported at step {ref.step} in {dtype}. It loads with transformers' "
                  f"native `DogeForCausalLM` (no `trust_remote_code`).")
         load = f"model = AutoModelForCausalLM.from_pretrained({name!r})"
+    meta = ["library_name: transformers", "pipeline_tag: text-generation", "tags: [doge, doge-jax]"]
+    evals = eval_results.read_card_entries(ref.workdir)  # written by `python -m doge_jax.eval` / training
+    if evals:
+        meta.append("model-index: " + json.dumps(eval_results.model_index(evals, name)))  # JSON is YAML too
     lines = [
-        "---", "library_name: transformers", "pipeline_tag: text-generation", "tags: [doge, doge-jax]",
-        "---", f"# {name}", "", f"A Doge causal language model ({n / 1e6:.1f}M parameters) {about}",
+        "---", *meta, "---", f"# {name}", "", f"A Doge causal language model ({n / 1e6:.1f}M parameters) {about}",
         "", "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer", load,
     ]
     if has_tokenizer:

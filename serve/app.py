@@ -22,7 +22,7 @@ from litestar.handlers import BaseRouteHandler
 from litestar.openapi import OpenAPIConfig
 from litestar.response import Stream
 
-from . import validate
+from . import scoring, validate
 from .config import ServeConfig
 from .engine import Engine, Overloaded
 from .errors import EXCEPTION_HANDLERS, APIError
@@ -86,10 +86,11 @@ async def _answer(request: Request, reply: Reply, stream: bool, include_usage: b
         watcher.cancel()
 
 
-def _reply(request: Request, kind: str, handle, echo=None) -> Reply:
+def _reply(request: Request, kind: str, handle, echoed: list[scoring.EchoedPrompt] | None = None) -> Reply:
     state = _state(request)
+    echo_logprobs = [e.entries for e in echoed] if echoed and echoed[0].entries is not None else None
     return Reply(kind, state.config.model_name, handle, state.metrics.ttft.observe, state.metrics.latency.observe,
-                 echo=echo)
+                 echo=[e.text for e in echoed] if echoed else None, echo_logprobs=echo_logprobs)
 
 
 @post("/v1/chat/completions", guards=[_check_api_key], status_code=200, tags=["openai"])
@@ -113,13 +114,19 @@ async def completions(request: Request, data: CompletionRequest) -> dict | Strea
     """OpenAI (legacy) text completions: no chat template; `max_tokens` defaults to 16 as OpenAI's does."""
     state = _state(request)
     validate.check_model(data.model, state.config.model_name)
+    validate.check_echo(data.max_tokens, data.echo)
     prompts = validate.completion_prompts(state.tokenizer, data.prompt)
     max_tokens = validate.resolve_max_tokens(prompts, data.max_tokens, 16, state.engine.max_model_len, "prompt")
     params = validate.sampling_params(data, max_tokens, data.logprobs)
-    echo = [state.tokenizer.decode(p, skip_special_tokens=True) for p in prompts] if data.echo else None
-    handle = _submit(request, prompts, params, data.n)
+    echoed = await state.scorer.echo(prompts, data.logprobs) if data.echo else None
+    if max_tokens == 0:
+        validate.check_choices(len(prompts) * data.n, state.engine.max_batch)
+        handle = scoring.finished_handle(prompts, params, data.n)
+    else:
+        handle = _submit(request, prompts, params, data.n)
+    reply = _reply(request, "completion", handle, echoed)
     include_usage = bool(data.stream_options and data.stream_options.include_usage)
-    return await _answer(request, _reply(request, "completion", handle, echo), data.stream, include_usage)
+    return await _answer(request, reply, data.stream, include_usage)
 
 
 def _model_card(state) -> dict:
@@ -205,6 +212,7 @@ def create_app(config: ServeConfig, engine: Engine | None = None, tokenizer=None
             state.engine = Engine(model, tok, config.max_batch, config.max_queue, config.threads,
                                   config.decode_path, config.quantize)
             state.tokenizer = tok
+        state.scorer = scoring.PromptScorer(state.engine.model, state.tokenizer)
         await asyncio.to_thread(state.engine.start)
         log.info("serving %s (max_batch=%d, max_queue=%d, threads=%d)", config.model_name, config.max_batch,
                  config.max_queue, state.engine.threads)

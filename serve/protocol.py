@@ -81,8 +81,10 @@ class CompletionRequest(_SamplingFields, kw_only=True):
     # A string, a list of strings, a list of token ids, or a list of those (checked in the handler: msgspec
     # unions cannot hold two array types).
     prompt: str | list[Any]
+    # 0 is allowed with `echo`: score the prompt, generate nothing (what evaluation harnesses send).
+    max_tokens: Annotated[int, Meta(ge=0, description="Tokens to generate; 0 with echo: score only.")] | None = None
     logprobs: Annotated[int, Meta(ge=0, le=5)] | None = None
-    echo: bool = False
+    echo: bool = False  # with logprobs: the prompt's tokens and their logprobs come first (the first one null)
 
 
 class TokenizeRequest(Struct, kw_only=True):

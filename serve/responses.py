@@ -34,6 +34,7 @@ class Reply:
     observe_ttft: Any = None  # callable(seconds)
     observe_latency: Any = None
     echo: list[str] | None = None  # completions with echo: the prompt text of each prompt
+    echo_logprobs: list[list[TokenLogprob]] | None = None  # with echo and logprobs: each prompt's entries (scoring.py)
     id: str = ""
     created: int = field(default_factory=lambda: int(time.time()))
     _first_token_seen: bool = False
@@ -73,9 +74,12 @@ class Reply:
         return {
             "tokens": [e.text for e in entries],
             "token_logprobs": [e.logprob for e in entries],
-            "top_logprobs": [{t: v for _, t, v in e.top} for e in entries],
+            "top_logprobs": [None if e.top is None else {t: v for _, t, v in e.top} for e in entries],
             "text_offset": offsets,
         }
+
+    def _echo_logprobs(self, choice: int) -> dict[str, Any] | None:
+        return self.logprobs(self.echo_logprobs[choice // self.handle.n]) if self.echo_logprobs else None
 
     def _chunk(self, choices: list[dict[str, Any]], usage: dict | None = None, with_usage: bool = False):
         obj = "chat.completion.chunk" if self.kind == "chat" else "text_completion"
@@ -121,7 +125,8 @@ class Reply:
                 ]
             elif self.echo:
                 first = [
-                    {"index": i, "text": self.echo[i // self.handle.n], "logprobs": None, "finish_reason": None}
+                    {"index": i, "text": self.echo[i // self.handle.n], "logprobs": self._echo_logprobs(i),
+                     "finish_reason": None}
                     for i in range(choices)
                 ]
                 offsets = [len(c["text"]) for c in first]
@@ -153,9 +158,11 @@ class Reply:
         """Wait for every choice and build the JSON body. Stops generating if `disconnected` resolves first."""
         choices = self.handle.choices
         texts = [self.echo[i // self.handle.n] if self.echo else "" for i in range(choices)]
-        entries: list[list[TokenLogprob]] = [[] for _ in range(choices)]
+        entries: list[list[TokenLogprob]] = [
+            list(self.echo_logprobs[i // self.handle.n]) if self.echo_logprobs else [] for i in range(choices)
+        ]
         finish: list[str | None] = [None] * choices
-        start_offsets = [len(t) for t in texts]
+        start_offsets = [0 if self.echo_logprobs else len(t) for t in texts]  # the echoed tokens come first
 
         async def gather():
             async for deltas in self.handle.deltas():

@@ -79,12 +79,14 @@ def resolve_max_tokens(
     """The generation budget, or 400 `context_length_exceeded` when prompt + budget exceed the context."""
     longest = max(len(p) for p in prompts)
     room = max_model_len - longest
+    if requested == 0 and room >= 0:  # scoring the prompt only (echo): the prompt alone must fit
+        return 0
     if room < 1 or (requested is not None and requested > room):
-        wanted = longest + (requested or 1)
+        wanted = longest + (requested if requested is not None else 1)
         raise APIError(
             400,
             f"This model's maximum context length is {max_model_len} tokens. However, you requested {wanted} tokens "
-            f"({longest} in the {param}, {requested or 1} in the completion). Please reduce the length of the "
+            f"({longest} in the {param}, {wanted - longest} in the completion). Please reduce the length of the "
             f"{param} or completion.",
             param=param,
             code="context_length_exceeded",
@@ -92,6 +94,11 @@ def resolve_max_tokens(
     if requested is not None:
         return requested
     return min(default, room) if default else room
+
+
+def check_echo(max_tokens: int | None, echo: bool) -> None:
+    if max_tokens == 0 and not echo:
+        raise invalid("max_tokens", 0, "must be >= 1; 0 is only allowed with 'echo': true (scoring the prompt)")
 
 
 def sampling_params(req: ChatCompletionRequest | CompletionRequest, max_tokens: int, logprobs: int | None):
