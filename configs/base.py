@@ -88,6 +88,10 @@ def get_config() -> ml_collections.ConfigDict:
     config.log_every = 10
     config.eval_every = 1000  # eval loss / perplexity every N steps and at the end; 0 = never
     config.eval_batches = 16
+    # lm-evaluation-harness tasks scored every eval_every steps (and at the end) on the training mesh, comma-
+    # separated: "arc_easy,hellaswag", a group such as "doge_base", or "doge_offline" (no download). "" = none.
+    config.eval_tasks = ""
+    config.eval_tasks_limit = 200  # documents per task at each eval (0 = all of them)
     config.progress_bar = True
     config.tensorboard = True
     # CPU-only hosts: keep freed memory in the process instead of page-faulting every step's temporaries back

@@ -136,7 +136,7 @@ class DogeJaxLM(TemplateLM):
 
     @property
     def num_parameters(self) -> int:
-        from doge_jax.model import count_params
+        from doge_jax.model.decoder import count_params
 
         return count_params(self.cfg)
 

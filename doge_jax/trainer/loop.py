@@ -281,6 +281,19 @@ class Trainer:
         result["eval_ppl"] = math.exp(min(result.get("eval_ce_loss", result["eval_loss"]), 80.0))
         return result
 
+    def _eval_tasks(self, params, step: int) -> dict:
+        """config.eval_tasks through lm-evaluation-harness on the training mesh: {"eval/<task>/<metric>": value};
+        WORKDIR/eval_results.json keeps the latest, for `convert to-hf`'s model card."""
+        cfg = self.config
+        tasks = [t.strip() for t in cfg.eval_tasks.split(",") if t.strip()]
+        if not tasks:
+            return {}
+        from doge_jax.eval import run_tasks
+
+        model = nnx.merge(self.eval_graphdef, params, _concrete(self.rest_abstract))
+        return run_tasks(model, self.tokenizer, tasks, cfg.eval_tasks_limit or None, mesh=self.mesh,
+                         workdir=self.workdir, step=step)
+
     def run(self) -> dict:
         """Trains to config.total_steps (or until SIGTERM); returns the last logged record."""
         cfg = self.config
@@ -455,6 +468,7 @@ class Trainer:
         t0 = time.perf_counter()
         if eval_now:
             record.update(self._evaluate(state["params"]))
+            record.update(self._eval_tasks(state["params"], step))
         if save_now:
             self._checkpoint(state, step, batches, run)
         run.paused += time.perf_counter() - t0

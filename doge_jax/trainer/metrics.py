@@ -119,8 +119,9 @@ class RunLog:
         if self.tb is not None:
             for key, value in record.items():
                 if key != "step" and isinstance(value, (int, float)) and math.isfinite(value):
-                    self.tb.add_scalar(key.replace("eval_", "eval/", 1) if key.startswith("eval_") else f"train/{key}",
-                                       value, record["step"])
+                    tag = (key if key.startswith("eval/") else  # lm-eval task scores: eval/<task>/<metric>
+                           key.replace("eval_", "eval/", 1) if key.startswith("eval_") else f"train/{key}")
+                    self.tb.add_scalar(tag, value, record["step"])
             if self._tb_remote and time.monotonic() - self._tb_uploaded > _TB_UPLOAD_SECONDS:
                 self._upload_tensorboard()
         self.info(format_line(record, self.total_steps))
@@ -160,7 +161,20 @@ def plot_loss(workdir: str) -> str | None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=120)
+    scores = {}  # lm-eval task metrics in [0, 1] (accuracies), by name: [(step, value)]
+    for r in records:
+        for key, value in r.items():
+            if key.startswith("eval/") and isinstance(value, (int, float)) and 0.0 <= value <= 1.0:
+                scores.setdefault(key[len("eval/"):], []).append((r["step"], value))
+    fig, axes = plt.subplots(1, 2 if scores else 1, figsize=(12 if scores else 7, 4), dpi=120, squeeze=False)
+    ax = axes[0, 0]
+    if scores:
+        for name, points in sorted(scores.items()):
+            axes[0, 1].plot(*zip(*points), "o-", label=name, ms=3)
+        axes[0, 1].set_xlabel("step")
+        axes[0, 1].set_title("eval tasks (lm-eval)")
+        axes[0, 1].grid(alpha=0.3)
+        axes[0, 1].legend(fontsize=7)
     if train:
         ax.plot(*zip(*train), label="train loss", lw=1)
     if evals:

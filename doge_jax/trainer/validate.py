@@ -97,6 +97,9 @@ def check(config, model_cfg: DogeConfig) -> None:
     if sched.warmup_steps + decay > config.total_steps:
         raise ConfigError(f"config.schedule.warmup_steps={sched.warmup_steps} + decay steps {decay} exceed "
                           f"config.total_steps={config.total_steps}")
+    _non_negative_int("eval_tasks_limit", config.eval_tasks_limit)
+    if config.eval_tasks and config.eval_every == 0:
+        raise ConfigError(f"config.eval_tasks={config.eval_tasks!r} needs config.eval_every > 0 (when to score them)")
     if config.init_from and config.resume_from:
         raise ConfigError(f"config.init_from={config.init_from!r} and config.resume_from={config.resume_from!r} "
                           "exclude each other (params only vs everything)")
