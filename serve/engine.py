@@ -32,7 +32,7 @@ from .decode_step import DecodeStep
 from .detokenize import IncrementalDetokenizer
 from .kv_batch import KVBatch
 from .quantize import quantize_linears
-from .sampling import RowState, SamplingParams, make_generator, sample
+from .sampling import RowState, RequestSampling, make_generator, sample
 from .static_cache import SlotBatch
 from .stops import StopStringFilter
 
@@ -70,7 +70,7 @@ class RequestHandle:
     """The API side of a submitted request: iterate `deltas()`; call `cancel()` when the client leaves."""
 
     prompts: list[list[int]]  # token ids per prompt; choice i continues prompts[i // n]
-    params: SamplingParams
+    params: RequestSampling
     n: int
     loop: asyncio.AbstractEventLoop
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
@@ -184,7 +184,7 @@ class Engine:
     def num_waiting(self) -> int:
         return sum(h.choices for h in list(self._waiting))
 
-    def submit(self, prompts: list[list[int]], params: SamplingParams, n: int = 1) -> RequestHandle:
+    def submit(self, prompts: list[list[int]], params: RequestSampling, n: int = 1) -> RequestHandle:
         """Queue `n` choices for each prompt (call from the event loop). Raises `Overloaded` past the queue limit."""
         handle = RequestHandle([list(p) for p in prompts], params, n, asyncio.get_running_loop())
         if handle.choices > self.max_batch:

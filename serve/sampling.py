@@ -16,8 +16,9 @@ import torch
 
 
 @dataclass(frozen=True)
-class SamplingParams:
-    """Validated request options, in the engine's terms (the API layer maps OpenAI names onto these)."""
+class RequestSampling:
+    """One request's validated sampling options, in the engine's terms (the API layer maps OpenAI names onto
+    these). Not doge_jax.sampler.SamplingParams: that is the JAX sampler's, for batches of prompts."""
 
     max_tokens: int
     temperature: float = 1.0  # 0 means greedy
@@ -38,7 +39,7 @@ class SamplingParams:
 class RowState:
     """What sampling needs to remember about one row between steps."""
 
-    params: SamplingParams
+    params: RequestSampling
     generator: torch.Generator
     prompt_ids: list[int]
     output_ids: list[int] = field(default_factory=list)

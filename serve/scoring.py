@@ -22,7 +22,7 @@ import torch
 
 from .detokenize import IncrementalDetokenizer
 from .engine import ChoiceDelta, RequestHandle, TokenLogprob
-from .sampling import SamplingParams
+from .sampling import RequestSampling
 
 
 @dataclass
@@ -90,7 +90,7 @@ class PromptScorer:
         return await asyncio.to_thread(lambda: [self.echo_one(p, top) for p in prompts])
 
 
-def finished_handle(prompts: list[list[int]], params: SamplingParams, n: int) -> RequestHandle:
+def finished_handle(prompts: list[list[int]], params: RequestSampling, n: int) -> RequestHandle:
     """A handle for `max_tokens=0`: every choice already finished ("length") with nothing generated, so the
     ordinary reply path (JSON or stream) answers with the echo alone (call from the event loop)."""
     handle = RequestHandle([list(p) for p in prompts], params, n, asyncio.get_running_loop())

@@ -1,4 +1,4 @@
-"""From a decoded request to what the engine runs: token ids and `SamplingParams`, or an `APIError` (4xx).
+"""From a decoded request to what the engine runs: token ids and `RequestSampling`, or an `APIError` (4xx).
 
 Range checks live on the Structs (protocol.py); the checks here need the model: its name, its chat template,
 its tokenizer's vocabulary and its context length.
@@ -10,7 +10,7 @@ from typing import Any
 
 from .errors import APIError, invalid
 from .protocol import ChatCompletionRequest, ChatMessage, CompletionRequest
-from .sampling import SamplingParams
+from .sampling import RequestSampling
 
 
 def check_model(requested: str | None, served: str) -> None:
@@ -103,7 +103,7 @@ def check_echo(max_tokens: int | None, echo: bool) -> None:
 
 def sampling_params(req: ChatCompletionRequest | CompletionRequest, max_tokens: int, logprobs: int | None):
     stop = req.stop if isinstance(req.stop, list) else ([req.stop] if req.stop else [])
-    return SamplingParams(
+    return RequestSampling(
         max_tokens=max_tokens,
         temperature=1.0 if req.temperature is None else req.temperature,
         top_p=1.0 if req.top_p is None else req.top_p,

@@ -21,7 +21,7 @@ from serve.decode_step import DecodeStep
 from serve.engine import Engine
 from serve.kv_batch import KVBatch
 from serve.quantize import Int8Linear, quantize_linears
-from serve.sampling import SamplingParams
+from serve.sampling import RequestSampling
 from serve.static_cache import CHUNK, SlotBatch
 
 from serve_fixtures import ServerProcess, tiny_model_dir  # noqa: F401  (pytest fixture)
@@ -130,9 +130,9 @@ def test_engine_requests_join_and_leave_slots_and_match_generate(tiny_model_dir)
         engine.start()
         handles = []
         for p, m in zip(prompts, budgets):  # more requests than slots: later ones wait for a slot to free up
-            handles.append(engine.submit([p], SamplingParams(max_tokens=m, temperature=0.0, logprobs=0)))
+            handles.append(engine.submit([p], RequestSampling(max_tokens=m, temperature=0.0, logprobs=0)))
             await asyncio.sleep(0.005)
-        cancelled = engine.submit([prompts[0]], SamplingParams(max_tokens=400, temperature=0.0, ignore_eos=True))
+        cancelled = engine.submit([prompts[0]], RequestSampling(max_tokens=400, temperature=0.0, ignore_eos=True))
         stream = cancelled.deltas()
         await stream.__anext__()
         cancelled.cancel()

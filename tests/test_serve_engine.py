@@ -10,7 +10,7 @@ import torch
 
 from serve.engine import Engine, Overloaded
 from serve.kv_batch import KVBatch
-from serve.sampling import RowState, SamplingParams, make_generator, sample
+from serve.sampling import RowState, RequestSampling, make_generator, sample
 
 from serve_fixtures import tiny_model_dir  # noqa: F401  (pytest fixture)
 
@@ -87,8 +87,8 @@ def test_batched_prefill_with_left_padding_and_repeat(model_and_tokenizer):
 
 def test_sampling_is_per_row_and_seeded():
     logits = torch.randn(3, 50, generator=torch.Generator().manual_seed(1))
-    params = [SamplingParams(max_tokens=1, temperature=0.0), SamplingParams(max_tokens=1, top_k=1),
-              SamplingParams(max_tokens=1, temperature=1.0, seed=5)]
+    params = [RequestSampling(max_tokens=1, temperature=0.0), RequestSampling(max_tokens=1, top_k=1),
+              RequestSampling(max_tokens=1, temperature=1.0, seed=5)]
     rows = [RowState(p, make_generator(p.seed), [1, 2]) for p in params]
     first = sample(logits, rows, eos_ids=[]).token_ids
     assert first[0] == int(logits[0].argmax()) and first[1] == int(logits[1].argmax())
@@ -99,14 +99,14 @@ def test_sampling_is_per_row_and_seeded():
 
 def test_filters_restrict_the_support():
     logits = torch.tensor([[5.0, 4.0, 3.0, -10.0, -10.0]])
-    for p, allowed in [(SamplingParams(max_tokens=1, top_k=2), {0, 1}),
-                       (SamplingParams(max_tokens=1, top_p=0.5), {0}),
-                       (SamplingParams(max_tokens=1, min_p=0.3), {0, 1})]:
+    for p, allowed in [(RequestSampling(max_tokens=1, top_k=2), {0, 1}),
+                       (RequestSampling(max_tokens=1, top_p=0.5), {0}),
+                       (RequestSampling(max_tokens=1, min_p=0.3), {0, 1})]:
         seen = {sample(logits, [RowState(p, make_generator(s), [])], []).token_ids[0] for s in range(40)}
         assert seen <= allowed and len(seen) == len(allowed)
-    p = SamplingParams(max_tokens=1, temperature=0.0, repetition_penalty=100.0)
+    p = RequestSampling(max_tokens=1, temperature=0.0, repetition_penalty=100.0)
     assert sample(logits, [RowState(p, make_generator(0), [0])], []).token_ids == [1]
-    p = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
+    p = RequestSampling(max_tokens=1, temperature=0.0, ignore_eos=True)
     assert sample(logits, [RowState(p, make_generator(0), [])], eos_ids=[0]).token_ids == [1]
 
 
@@ -115,11 +115,11 @@ def test_engine_batches_cancels_and_bounds_the_queue(model_and_tokenizer):
     engine = Engine(model, tokenizer, max_batch=4, max_queue=2, threads=1)
 
     async def run():
-        long = SamplingParams(max_tokens=450, temperature=0.0, ignore_eos=True)
+        long = RequestSampling(max_tokens=450, temperature=0.0, ignore_eos=True)
         handles = [engine.submit([[5, 6, 7 + i]], long) for i in range(4)]  # all queued before the worker runs
-        waiting = engine.submit([[9]], SamplingParams(max_tokens=3, ignore_eos=True), n=2)
+        waiting = engine.submit([[9]], RequestSampling(max_tokens=3, ignore_eos=True), n=2)
         with pytest.raises(Overloaded):
-            engine.submit([[9]], SamplingParams(max_tokens=3))
+            engine.submit([[9]], RequestSampling(max_tokens=3))
         engine.start()
         streams = [h.deltas() for h in handles]
         for _ in range(2):  # the first deltas come from the prefill, the second from a decode step

@@ -184,10 +184,10 @@ def test_error_after_stream_start_is_an_sse_event():
     """A failure once bytes have gone out becomes `data: {"error": ...}`, which the SDK raises."""
     from serve.engine import EngineFailure, RequestHandle
     from serve.responses import Reply
-    from serve.sampling import SamplingParams
+    from serve.sampling import RequestSampling
 
     async def run() -> list[bytes]:
-        handle = RequestHandle([[1, 2]], SamplingParams(max_tokens=4), 1, asyncio.get_running_loop())
+        handle = RequestHandle([[1, 2]], RequestSampling(max_tokens=4), 1, asyncio.get_running_loop())
         handle.queue.put_nowait(EngineFailure("generation failed: boom"))
         return [chunk async for chunk in Reply("chat", MODEL, handle).stream(include_usage=False)]
 
