@@ -73,3 +73,15 @@ def test_auto_logs_each_layer_once(caplog):
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("DMA layer")]
     assert lines == [f"DMA layer {i}: attention_impl='auto' runs xla (no DMA kernel for backend 'cpu')"
                      for i in range(CFG.num_hidden_layers)]
+
+
+def test_a_mesh_whose_tensor_axis_splits_kv_heads():
+    """3 kv heads on tensor=2 (doge_160m's shape): a named kernel says so in one line, "auto" takes the reference."""
+    q, k, dt = jax.random.normal(jax.random.key(0), (2, 8, 6, 16)), jnp.ones((2, 8, 3, 16)), jnp.ones((2, 3, 8))
+    mesh = jax.sharding.AbstractMesh((1, 1, 2, 1), ("data", "fsdp", "tensor", "expert"))
+    mask = MaskSpec(keep_window_size=8)
+    got = attention_impl.choose("auto", q, k, dt, mask, backend="gpu", mesh=mesh)
+    assert got.impl == "xla" and "tensor=2 does not divide num_key_value_heads=3" in got.reason
+    with pytest.raises(ValueError, match=r"^attention_impl='pallas_gpu' cannot run mesh axis tensor=2 does not "
+                                         r"divide num_key_value_heads=3"):
+        attention_impl.choose("pallas_gpu", q, k, dt, mask, backend="gpu", mesh=mesh)

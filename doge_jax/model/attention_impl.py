@@ -42,8 +42,9 @@ def _unsupported(kernel: str, q, k, dt, mask: MaskSpec, dropout_rate: float) -> 
 
 
 def choose(requested: str, q, k, dt, mask: MaskSpec, *, dropout_rate: float = 0.0,
-           backend: str | None = None) -> Choice:
-    """The implementation for one call (static facts only: shapes, whether the offset is traced, dropout)."""
+           backend: str | None = None, mesh=None) -> Choice:
+    """The implementation for one call (static facts only: shapes, whether the offset is traced, dropout, and
+    the mesh the call runs under, whose tensor axis must divide the kv heads for a kernel)."""
     backend = backend or target.backend()
     if requested == "xla":
         return Choice("xla", "attention_impl='xla'")
@@ -60,6 +61,8 @@ def choose(requested: str, q, k, dt, mask: MaskSpec, *, dropout_rate: float = 0.
         raise ValueError(f"attention_impl={requested!r} must be one of 'auto', 'xla', 'pallas', 'pallas_gpu', "
                          "'pallas_tpu'")
     reason = _unsupported(kernel, q, k, dt, mask, dropout_rate)
+    if reason is None and mesh is not None and not mesh.empty and mesh.size > 1:
+        reason = sharded.mesh_unsupported_reason(q, k, mesh)
     if reason is None:
         return Choice(kernel, f"attention_impl={requested!r} on {backend}")
     if requested == "auto":
@@ -83,7 +86,8 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, dt: jax.Array, mask: Mas
               impl: str = "auto", dropout_rate: float = 0.0, dropout_rng: jax.Array | None = None,
               layer: int | None = None) -> jax.Array:
     """Dynamic Mask Attention by `impl`. q [B, T, N, H], k/v [B, S, K, H], dt [B, G, S] → [B, T, N, H]."""
-    choice = choose(impl, q, k, dt, mask, dropout_rate=dropout_rate if dropout_rng is not None else 0.0)
+    mesh = jax.sharding.get_abstract_mesh()
+    choice = choose(impl, q, k, dt, mask, dropout_rate=dropout_rate if dropout_rng is not None else 0.0, mesh=mesh)
     log_choice(layer, impl, choice)
     if choice.impl == "xla":
         return dma_reference.dma_reference(q, k, v, dt, mask, scale=scale, dropout_rate=dropout_rate,
@@ -93,7 +97,6 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, dt: jax.Array, mask: Mas
     def kernel(q, k, v, dt, mask):
         return entry(q, k, v, dt, mask, scale=scale)
 
-    mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty or mesh.size == 1:
         return kernel(q, k, v, dt, mask)
     return sharded.sharded_kernel(kernel, q, k, v, dt, mask, mesh)

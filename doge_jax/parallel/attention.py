@@ -29,6 +29,22 @@ def _size(mesh, axes: tuple[str, ...]) -> int:
     return size
 
 
+def _split_axes(q: jax.Array, mesh) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """The mesh axes the batch goes over (the BATCH rule's that divide B) and those the heads go over."""
+    batch = _axes(sh.fit_spec(sh.logical_to_spec((sh.BATCH,)), (q.shape[0],), mesh)[0])
+    return batch, tuple(a for a in _axes(sh.logical_to_spec((sh.ACT_HEADS,))[0]) if a not in batch)
+
+
+def mesh_unsupported_reason(q: jax.Array, k: jax.Array, mesh) -> str | None:
+    """Why a kernel cannot run per shard of `mesh` (one line), or None: a tensor shard must hold whole kv heads."""
+    heads = _split_axes(q, mesh)[1]
+    t, K = _size(mesh, heads), k.shape[2]
+    if K % t:
+        return (f"mesh axis {'·'.join(heads)}={t} does not divide num_key_value_heads={K}: a tensor shard must hold "
+                "whole kv heads (choose a tensor size dividing the kv heads)")
+    return None
+
+
 def sharded_kernel(kernel: Callable, q: jax.Array, k: jax.Array, v: jax.Array, dt: jax.Array, mask: MaskSpec,
                    mesh) -> jax.Array:
     """kernel(q, k, v, dt, mask) → out, run per shard of `mesh` (an abstract or concrete mesh).
@@ -36,13 +52,10 @@ def sharded_kernel(kernel: Callable, q: jax.Array, k: jax.Array, v: jax.Array, d
     q [B, T, N, H], k/v [B, S, K, H], dt [B, G, S] (G = K or N), mask arrays [B, ·]; q_offset must be static.
     The batch goes over the BATCH axes that divide it, heads over the tensor axis, which must divide the kv heads.
     """
-    B, K = q.shape[0], k.shape[2]
-    batch = _axes(sh.fit_spec(sh.logical_to_spec((sh.BATCH,)), (B,), mesh)[0])
-    heads = tuple(a for a in _axes(sh.logical_to_spec((sh.ACT_HEADS,))[0]) if a not in batch)
-    t = _size(mesh, heads)
-    if K % t:
-        raise ValueError(f"mesh axis {'·'.join(heads)}={t} does not divide num_key_value_heads={K}: a tensor shard "
-                         "must hold whole kv heads (choose a tensor size dividing the kv heads)")
+    reason = mesh_unsupported_reason(q, k, mesh)
+    if reason:
+        raise ValueError(reason)
+    batch, heads = _split_axes(q, mesh)
     b_spec, h_spec = batch or None, heads or None
     arrays = {"kv_mask": mask.kv_mask, "q_segment_ids": mask.q_segment_ids, "kv_segment_ids": mask.kv_segment_ids}
     present = {name: x for name, x in arrays.items() if x is not None}
