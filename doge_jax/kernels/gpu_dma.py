@@ -110,10 +110,7 @@ def dma_pallas_gpu(
     b, t, n, h = q.shape
     s, kh = k.shape[1], k.shape[2]
     g = dt.shape[1]
-    if n % kh or g not in (kh, n) or k.shape != v.shape or dt.shape != (b, g, s) or k.shape[0] != b \
-            or k.shape[3] != h:
-        raise ValueError(f"dma_pallas_gpu: q {q.shape}, k {k.shape}, v {v.shape}, dt {dt.shape}: expected q "
-                         "[B,T,N,H], k/v [B,S,K,H] with N a multiple of K, dt [B,G,S] with G = K or N")
+    _shared.check_layout("dma_pallas_gpu", q, k, v, dt)
     if interpret is None:
         interpret = _target.backend() != "gpu"
     reason = gpu_unsupported_reason(q, k, dt, mask, interpret=interpret, block_q=block_q, block_k=block_k)

@@ -53,3 +53,14 @@ def topk_setup(dt, dt_w, valid, mask: MaskSpec, *, t, t_pad, block_q, block_k, s
     plan = _topk.sparse_plan(thrpos, dtm, q_offset=offset, n_q_tiles=t_pad // block_q, block_q=block_q,
                              block_k=block_k, chunk=chunk)
     return thr, plan, chunk
+
+
+def check_layout(kernel: str, q: jax.Array, k: jax.Array, v: jax.Array, dt: jax.Array) -> None:
+    """One-line ValueError unless q [B, T, N, H], k/v [B, S, K, H] (N a multiple of K), dt [B, G, S] (G = K or N)."""
+    b, _, n, h = q.shape
+    s, kh = k.shape[1], k.shape[2]
+    g = dt.shape[1]
+    if n % kh or g not in (kh, n) or k.shape != v.shape or dt.shape != (b, g, s) or k.shape[0] != b \
+            or k.shape[3] != h:
+        raise ValueError(f"{kernel}: q {q.shape}, k {k.shape}, v {v.shape}, dt {dt.shape}: expected q [B,T,N,H], "
+                         "k/v [B,S,K,H] with N a multiple of K, dt [B,G,S] with G = K or N")
