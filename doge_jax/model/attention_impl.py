@@ -63,6 +63,9 @@ def choose(requested: str, q, k, dt, mask: MaskSpec, *, dropout_rate: float = 0.
     reason = _unsupported(kernel, q, k, dt, mask, dropout_rate)
     if reason is None and mesh is not None and not mesh.empty and mesh.size > 1:
         reason = sharded.mesh_unsupported_reason(q, k, mesh)
+        if reason is None and kernel == "pallas_tpu" and backend != "tpu":
+            # jax 0.10's TPU interpreter waits forever inside shard_map over several CPU devices: refuse, not hang
+            reason = f"in TPU interpret mode on a {mesh.size}-device mesh (interpret mode runs on one device)"
     if reason is None:
         return Choice(kernel, f"attention_impl={requested!r} on {backend}")
     if requested == "auto":
