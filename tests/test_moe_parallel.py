@@ -1,4 +1,4 @@
-"""Expert-parallel CDMoE (doge_jax.moe_parallel) and the routing statistics.
+"""Expert-parallel CDMoE (doge_jax.parallel.experts) and the routing statistics.
 
 The mesh checks need fake CPU devices, which must be requested before jax is imported, and pytest has imported
 jax already: they run in a subprocess (tests/moe_mesh_check.py, 8 devices, meshes of 1, 2, 4 and 8 of them).

@@ -97,7 +97,7 @@ def _bias(cfg: KernelConfig, dt_ref, ks) -> jax.Array:
 
 
 def _keep(cfg: KernelConfig, qpos, kpos, bias, thr, qseg, kseg) -> jax.Array:
-    """[rows, bk] bool: exactly doge_jax.dma.attention_mask plus the top-k rule."""
+    """[rows, bk] bool: exactly MaskSpec.allowed plus the top-k rule."""
     keep = kpos[None, :] <= qpos[:, None]
     if cfg.sliding_window is not None:
         keep &= kpos[None, :] > qpos[:, None] - cfg.sliding_window
