@@ -21,8 +21,6 @@ import sys
 
 import pytest
 
-from test_kernels_mesh import _tpu_refusal
-
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LAYERS = 2
 MESHES = {"fsdp=4,tensor=2": (4, 2), "data=8": (8, 1)}  # → (batch shards, tensor shards)
@@ -62,10 +60,6 @@ def test_cuda_step_lowers_with_triton_kernels_inside_shard_map(rows):
 
 @pytest.mark.slow
 def test_tpu_step_lowers_with_mosaic_kernels_inside_shard_map(rows):
-    if (reason := _tpu_refusal()) is not None:
-        tpu = [r for r in rows if r["platform"] == "tpu"]
-        assert tpu and all(r["status"] == "refused" for r in tpu), tpu  # the code path ran, and said why
-        pytest.skip(f"pallas_tpu refuses the call {reason}: checked once the Mosaic TPU kernel is merged")
     for r in _lowered(rows, "tpu"):
         total = sum(r["kernel_calls"].values())
         assert total % LAYERS == 0 and total // LAYERS >= 3, r  # forward (+ remat) and backward, every layer
