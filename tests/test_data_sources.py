@@ -84,6 +84,21 @@ def test_jsonl(tmp_path, tokenizer):
     _assert_batches_hold(cfg, tokenizer, DOCS)
 
 
+def test_jsonl_reads_are_thread_safe(tmp_path):
+    """grain's prefetch threads read one jsonl source at once: every document comes back whole from every thread
+    (a shared seek + read position once returned a line read from another thread's offset)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    docs = [f"doc {i} " + "word " * (i % 13) for i in range(2000)]
+    cfg = _cfg("jsonl", _write_jsonl(tmp_path / "many.jsonl", docs))
+    cfg.eval_fraction = 0.0
+    source = data.split_documents(cfg, split="train")
+    order = np.random.default_rng(0).permutation(np.tile(np.arange(len(docs)), 4))
+    with ThreadPoolExecutor(16) as pool:
+        got = list(pool.map(lambda i: source[int(i)], order, chunksize=1))
+    assert got == [docs[i] for i in order]
+
+
 def test_jsonl_errors_name_the_field(tmp_path, tokenizer):
     path = _write_jsonl(tmp_path / "x.jsonl", DOCS[:3], field="content")
     with pytest.raises(ValueError, match=r"data\.text_field='text' absent in .*x\.jsonl line 1"):

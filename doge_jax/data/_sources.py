@@ -28,6 +28,7 @@ from doge_jax.errors import ConfigError
 
 import json
 import os
+import threading
 from collections.abc import Sequence
 
 import numpy as np
@@ -116,7 +117,8 @@ class _JsonlFile(Sequence):
         self._name = path
         path = storage.local_copy(path)  # gs://: one download to the local cache, then local random access
         self._path, self._text_field = path, text_field
-        self._file = None  # an open handle, per process (dropped when pickled for grain workers)
+        self._fd = None  # an open descriptor, per process (dropped when pickled for grain workers)
+        self._open_lock = threading.Lock()
         newlines, size = [], 0
         with open(path, "rb") as f:  # scan in chunks: only the line offsets are kept
             while chunk := f.read(1 << 26):
@@ -139,14 +141,24 @@ class _JsonlFile(Sequence):
         return len(self._starts)
 
     def __getstate__(self):
-        return {**self.__dict__, "_file": None}
+        return {k: v for k, v in self.__dict__.items() if k not in ("_fd", "_open_lock")}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state, _fd=None, _open_lock=threading.Lock())
+
+    def __del__(self):
+        if getattr(self, "_fd", None) is not None:
+            os.close(self._fd)
 
     def __getitem__(self, i):
         start, end = int(self._starts[i]), int(self._ends[i])
-        if self._file is None:  # one handle per process, not an open() per document
-            self._file = open(self._path, "rb")
-        self._file.seek(start)
-        line = self._file.read(end - start)
+        if self._fd is None:  # one descriptor per process, not an open() per document
+            with self._open_lock:
+                if self._fd is None:
+                    self._fd = os.open(self._path, os.O_RDONLY)
+        # pread, not seek + read: grain's prefetch threads call this concurrently, and a shared file position
+        # lets one thread's seek land between another's seek and read (a line read from the wrong offset).
+        line = os.pread(self._fd, end - start, start)
         try:
             row = json.loads(line)
         except json.JSONDecodeError as e:
