@@ -211,17 +211,40 @@ def local_folder(dest) -> Iterator[str]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _object_version(p) -> str:
+    """What identifies the current bytes of gs:// object `p`: its size and generation (a new generation on
+    every overwrite, even one of the same size), asked of the server, never of gcsfs's listing cache."""
+    import fsspec  # pylint: disable=g-import-not-at-top  (only for gs://)
+
+    fs = fsspec.filesystem("gs")
+    fs.invalidate_cache(str(p))
+    info = fs.info(str(p))
+    version = info.get("generation") or info.get("md5Hash") or info.get("crc32c") or info.get("updated")
+    return f"{info['size']}:{version}"
+
+
 def local_copy(p, *, cache_dir: str | None = None) -> str:
-    """A local path for file `p`: itself when local; for gs:// a cached download (re-fetched when the size
-    differs). For readers that open only local files (ArrayRecord's C++ reader)."""
+    """A local path for file `p`: itself when local; for gs:// a cached download, fetched again when the
+    object's generation changed (a sidecar `<file>.version` records which one the copy holds). For readers
+    that open only local files (ArrayRecord's C++ reader, the jsonl byte-offset reader)."""
     if not is_remote(p):
         return os.fspath(p)
     cache_dir = cache_dir or os.environ.get("DOGE_JAX_CACHE") or os.path.expanduser("~/.cache/doge_jax/gcs")
-    remote = path(p)
     local = os.path.join(cache_dir, str(p)[len("gs://"):])
-    size = remote.stat().length
-    if not (os.path.isfile(local) and os.path.getsize(local) == size):
-        write_bytes_atomic(local, remote.read_bytes())
+    version = _object_version(p)
+    marker = local + ".version"
+    if os.path.isfile(local) and os.path.isfile(marker) and open(marker).read() == version:
+        return local
+    os.makedirs(os.path.dirname(local), exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=os.path.dirname(local))
+    try:  # streamed (shards are large), renamed into place whole, then the marker: a reader never sees half
+        with os.fdopen(fd, "wb") as out, open_file(p) as src:
+            shutil.copyfileobj(src, out, 1 << 24)
+        os.replace(tmp, local)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    write_bytes_atomic(marker, version.encode())
     return local
 
 

@@ -266,3 +266,20 @@ def test_from_hf_out_gs_then_load_model_and_to_hf_from_it(emulated, tmp_path):
     again = convert.to_hf(out, str(tmp_path / "hf2"))
     for name in ("config.json", "tokenizer.json"):
         assert open(os.path.join(again, name)).read() == open(os.path.join(hf_dir, name)).read()
+
+
+def test_local_copy_follows_overwrites_of_the_same_size(emulated, tmp_path):
+    """A gs:// shard overwritten with other bytes of the same length is fetched again (the cache is keyed by the
+    object's generation, not its size); an unchanged object is not downloaded twice."""
+    from doge_jax import storage
+
+    url = f"gs://{BUCKET}/cache/shard.bin"
+    cache = str(tmp_path / "cache")
+    emulated.upload(BUCKET, "cache/shard.bin", b"first version")
+    local = storage.local_copy(url, cache_dir=cache)
+    assert open(local, "rb").read() == b"first version"
+    inode = os.stat(local).st_ino
+    assert storage.local_copy(url, cache_dir=cache) == local and os.stat(local).st_ino == inode  # not re-fetched
+    emulated.upload(BUCKET, "cache/shard.bin", b"other version")  # same size
+    assert open(storage.local_copy(url, cache_dir=cache), "rb").read() == b"other version"
+    assert sorted(os.listdir(os.path.dirname(local))) == ["shard.bin", "shard.bin.version"]  # no temp files left
