@@ -98,7 +98,7 @@ def main(argv=None) -> int:
     import convert
     from doge_jax import checkpoint as ckpt
     from doge_jax.model import decoder as model_lib
-    from doge_jax.config import DogeConfig
+    from doge_jax.model.config import DogeConfig
     from doge_jax.data import load_tokenizer
     from doge_jax.eval import api
     from doge_jax.eval.lm import DogeJaxLM

@@ -4,6 +4,7 @@ and doge-jax's sampler on the same weights, with 1-16 concurrent streaming clien
     python benchmarks/bench_serve.py                              # Doge-20M and Doge-60M shapes, everything
     python benchmarks/bench_serve.py --shapes 20m --clients 1,8 --repeats 3
     python benchmarks/bench_serve.py --compile-check --shapes 20m # + the hand-written step vs torch.compile of it
+    python benchmarks/bench_serve.py --layout-check               # only batch-1 linears: row- vs column-major
 
 Models: each preset's shape (configs/doge_20m.py, configs/doge_60m.py) with its real 32,768 vocab, random weights
 (`A` drawn from N(0, 0.5) so the DMA mask varies), built in JAX, exported with `convert.to_hf`, plus an offline
@@ -72,7 +73,7 @@ def build(shape: str, root: Path):
     from convert import to_hf
     from doge_jax import checkpoint as ckpt
     from doge_jax.model import decoder as model_lib
-    from doge_jax.config import DogeConfig
+    from doge_jax.model.config import DogeConfig
     from serve_testing import make_tokenizer
 
     cfg = DogeConfig.from_dict(load_config(SHAPES[shape]).model.to_dict())
@@ -282,6 +283,63 @@ def compile_check(hf_dir: Path, tokens: int) -> None:
           flush=True)
 
 
+def layout_check(hf_dir: Path, threads: int) -> None:
+    """Batch-1 float32 linears with the weight row-major (F.linear's GEMV) vs column-major (W^T contiguous, what
+    serve/decode_step.py `_gemv_layout` stores where O > I): per weight shape of the model, streaming through
+    enough copies to leave the cache (as a decode step does), and the whole decode step both ways; at 1 and
+    `threads` torch threads."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from serve.decode_step import DecodeStep
+    from serve.kv_batch import KVBatch
+    from serve.static_cache import SlotBatch
+
+    def timed(fn, n) -> float:
+        for i in range(n):
+            fn(i)
+        t0 = time.perf_counter()
+        for _ in range(3):
+            for i in range(n):
+                fn(i)
+        return (time.perf_counter() - t0) / (3 * n) * 1e3
+
+    def step_ms(model, row_major: bool) -> float:
+        step = DecodeStep(model)
+        if row_major:  # undo the layout: the same step on contiguous [O, I] weights
+            for lay in step.layers:
+                for fused in (lay.qkv, lay.gate_up):
+                    fused.weight = fused.weight.contiguous()
+            model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.detach().contiguous(), requires_grad=False)
+        batch = SlotBatch(step, 1, 512)
+        prefill, logits = KVBatch(model).prefill([list(range(5, 40))])
+        batch.merge(prefill)
+        token = [int(logits[0].argmax())]
+        return timed(lambda _: batch.decode(token), 60)
+
+    config = AutoModelForCausalLM.from_pretrained(hf_dir).config
+    D, F_, H = config.hidden_size, config.intermediate_size, config.hidden_size // config.num_attention_heads
+    H = getattr(config, "head_dim", None) or H
+    shapes = {"qkv": ((config.num_attention_heads + 2 * config.num_key_value_heads) * H, D), "o_proj": (D, D),
+              "gate_up": (2 * F_, D), "down": (D, F_), "lm_head": (config.vocab_size, D)}
+    for t in sorted({1, threads}):
+        torch.set_num_threads(t)
+        cells = []
+        with torch.inference_mode():
+            for name, (O, I) in shapes.items():
+                n = max(4, int(200e6 / (O * I * 4)))
+                rows = [torch.randn(O, I) for _ in range(n)]
+                cols = [w.t().contiguous().t() for w in rows]
+                x = torch.randn(1, I)
+                a = timed(lambda i: torch.nn.functional.linear(x, rows[i]), n)
+                b = timed(lambda i: torch.nn.functional.linear(x, cols[i]), n)
+                cells.append(f"{name} [{O},{I}] {a * 1e3:.0f}/{b * 1e3:.0f} us ({a / b:.2f}x)")
+        plain = step_ms(AutoModelForCausalLM.from_pretrained(hf_dir).eval(), row_major=True)
+        laid = step_ms(AutoModelForCausalLM.from_pretrained(hf_dir).eval(), row_major=False)
+        print(f"layout check ({hf_dir.name}, {t} thread(s)), row-major/column-major: " + "; ".join(cells)
+              + f"; decode step {plain:.2f} -> {laid:.2f} ms ({plain / laid:.2f}x)", flush=True)
+
+
 def main() -> None:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so `finally` stops the servers
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -292,6 +350,7 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3, help="rounds per client count (medians are reported)")
     p.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
     p.add_argument("--compile-check", action="store_true")
+    p.add_argument("--layout-check", action="store_true", help="time row- vs column-major weights, then exit")
     args = p.parse_args()
     counts = [int(c) for c in args.clients.split(",")]
     variants = args.variants.split(",")
@@ -305,6 +364,9 @@ def main() -> None:
             hf_dir, jax_model, n_params = build(shape, Path(tmp.name))
             if args.compile_check:
                 compile_check(hf_dir, 64)
+            if args.layout_check:
+                layout_check(hf_dir, args.threads)
+                continue
             base = Baselines(hf_dir, jax_model, args.tokens)
             agreement = int8_agreement(hf_dir) if "static int8" in variants else None
             # Every server starts first (an idle server blocks on a condition, using no CPU); then each repeat

@@ -108,6 +108,26 @@ def test_slots_joining_and_leaving_decode_what_generate_decodes(moe):
         assert len(produced[i]) >= done
 
 
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+def test_gemv_layout_keeps_values_shapes_and_ties(tied):
+    """DecodeStep stores the float32 linear weights column-major (the fast batch-1 layout on MKL): the model's
+    own forward gives the same logits after, the tied embedding still is the LM head's tensor, and shapes are
+    unchanged."""
+    model = random_doge(seed=3, tie_word_embeddings=tied)
+    ids = torch.tensor([distinct_prompt(30, seed=7)])
+    with torch.inference_mode():
+        before = model(ids).logits
+    DecodeStep(model)
+    head, attn, mlp = model.lm_head.weight, model.model.layers[0].self_attn, model.model.layers[0].mlp
+    assert head.shape == (VOCAB, 64) and head.stride() == (1, VOCAB)
+    assert (model.model.embed_tokens.weight is head) == tied
+    assert attn.q_proj.weight.stride()[0] == 1 and mlp.gate_proj.weight.stride()[0] == 1  # views of fused W^T
+    assert mlp.down_proj.weight.stride()[0] == 1 and attn.o_proj.weight.stride()[0] == 1
+    with torch.inference_mode():
+        after = model(ids).logits
+    torch.testing.assert_close(after, before, rtol=0, atol=1e-5)
+
+
 def test_engine_requests_join_and_leave_slots_and_match_generate(tiny_model_dir):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
