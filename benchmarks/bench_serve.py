@@ -355,7 +355,8 @@ def main() -> None:
     counts = [int(c) for c in args.clients.split(",")]
     variants = args.variants.split(",")
     cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), "?")
-    print(f"cpu: {cpu}, {len(os.sched_getaffinity(0))} cores (shared with other jobs: figures are noisy); "
+    print(f"cpu: {cpu}, {len(os.sched_getaffinity(0))} cores, load average {os.getloadavg()[0]:.1f} at start "
+          "(other jobs on the box inflate every figure); "
           f"tokens/request {args.tokens}; medians of {args.repeats} rounds", flush=True)
     tmp = tempfile.TemporaryDirectory(prefix="bench_serve.")
     goals = []
