@@ -12,6 +12,9 @@ would pay its compile. `benchmarks/bench_serve.py --compile-check` on the 2-core
 1 thread, 32k vocab, box shared with other jobs, load ~13): Doge-20M 1.26x eager after 126 s of compiling,
 Doge-60M 0.73x after 322 s. An earlier version of this step, writing into global cache tensors, ran 0.5-0.6x.
 
+It also runs the first SmallDoge layout (`convert/legacy/modeling_doge_legacy.py`: no q/k RMSNorm, `A`/`dt_proj`
+per attention head), whose bias is cached per attention head and not shared across a kv group.
+
 The DMA mask is transformers' `prepare_dynamic_mask`: a key's bias is its `dt` where the key is valid and the
 dtype minimum elsewhere; when a row holds more than `keep_window_size` keys, only the top `keep_window_size`
 biases (`torch.topk`) stay and the rest become the minimum. It is added to q·k/√H before the softmax.
@@ -85,8 +88,11 @@ class _Layer:
         self.attn, self.layer = attn, layer
         self.qkv = _Fused([attn.q_proj, attn.k_proj, attn.v_proj])
         n, k = attn.q_proj.out_features // attn.head_dim, attn.k_proj.out_features // attn.head_dim
-        self.qk_norm_weight = torch.cat([attn.q_norm.weight.detach().expand(n, -1),
-                                         attn.k_norm.weight.detach().expand(k, -1)])  # [N + K, H]
+        self.qk_norm_weight = None  # the first SmallDoge layout has no q/k norm
+        if hasattr(attn, "q_norm"):
+            self.qk_norm_weight = torch.cat([attn.q_norm.weight.detach().expand(n, -1),
+                                             attn.k_norm.weight.detach().expand(k, -1)])  # [N + K, H]
+            self.qk_norm_eps = attn.q_norm.variance_epsilon
         self.moe = bool(layer.config.is_moe)
         self.gate_up = _Fused([layer.mlp.gate_proj, layer.mlp.up_proj])  # CDMoE's shared expert has them too
         _relayout(attn.o_proj)
@@ -124,9 +130,12 @@ class DecodeStep:
         if getattr(cfg, "sliding_window", None) is not None:
             raise ValueError(f"sliding_window={cfg.sliding_window}: the static decode path does not implement it")
         first = model.model.layers[0].self_attn
-        if not hasattr(first, "q_norm") or first.dt_proj.out_features != cfg.num_key_value_heads:
-            raise ValueError(f"{type(first).__name__} (no q/k norm, or dt_proj per attention head: the first "
-                             "SmallDoge layout): the static decode path implements native Doge only")
+        # dt_proj gives one bias per kv head (native Doge, shared by its G query heads) or one per attention head
+        # (the first SmallDoge layout, convert/legacy/modeling_doge_legacy.py).
+        self.dt_heads = first.dt_proj.out_features
+        if self.dt_heads not in (cfg.num_key_value_heads, cfg.num_attention_heads):
+            raise ValueError(f"dt_proj.out_features={self.dt_heads}: neither num_key_value_heads="
+                             f"{cfg.num_key_value_heads} nor num_attention_heads={cfg.num_attention_heads}")
         self.model = model
         self.dtype = model.dtype
         attn = model.model.layers[0].self_attn
@@ -174,20 +183,23 @@ class DecodeStep:
             h = F.rms_norm(x, (x.shape[-1],), layer.input_layernorm.weight, layer.input_layernorm.variance_epsilon)
             qkv = lay.qkv(h)  # [B, (N + 2K) H]
             qk = qkv[:, : (N + K) * H].view(B, N + K, H)
-            qk = F.rms_norm(qk, (H,), None, attn.q_norm.variance_epsilon) * lay.qk_norm_weight
+            if lay.qk_norm_weight is not None:
+                qk = F.rms_norm(qk, (H,), None, lay.qk_norm_eps) * lay.qk_norm_weight
             qk = qk * cos + qk.roll(H // 2, dims=-1) * sin  # RoPE, [B, N + K, H]
             v = qkv[:, (N + K) * H :].view(B, K, H)
             k_cache, v_cache, dt_cache = cache.keys[i], cache.values[i], cache.dts[i]  # [slots, K, cap(, H)]
             k_cache[slot, :, positions] = qk[:, N:]
             v_cache[slot, :, positions] = v
             dt_cache[slot, :, positions] = torch.exp(attn.A * F.softplus(attn.dt_proj(v.reshape(B, K * H))))
-            bias = torch.where(valid[:, None, :], dt_cache[:B, :, :S], minimum)  # [B, K, S]
+            bias = torch.where(valid[:, None, :], dt_cache[:B, :, :S], minimum)  # [B, K or N, S]
             if top_k:
                 kept = torch.topk(bias, self.window, dim=-1, largest=True, sorted=False).indices
                 bias = bias.masked_fill(~torch.zeros_like(bias, dtype=torch.bool).scatter_(-1, kept, True), minimum)
             q = qk[:, :N].view(B, K, G, H)  # each kv head's G query heads act as G query rows
+            # query head n = k * G + g reads kv head k (transformers' repeat_kv), so a per-head bias is [B, K, G, S]
+            mask = bias[:, :, None, :] if bias.shape[1] == K else bias.view(B, K, G, S)
             out = F.scaled_dot_product_attention(q, k_cache[:B, :, :S], v_cache[:B, :, :S],
-                                                 attn_mask=bias[:, :, None, :], scale=attn.scaling)  # [B, K, G, H]
+                                                 attn_mask=mask, scale=attn.scaling)  # [B, K, G, H]
             x = layer.input_residual * residual + attn.o_proj(out.reshape(B, N * H))
             residual = x
             h = F.rms_norm(x, (x.shape[-1],), layer.post_attention_layernorm.weight,

@@ -2,8 +2,9 @@
 
 Slot s holds one sequence with no padding: cache column j is position j, so a row's next position is its length.
 Keys, values and each key's DMA bias `dt` are preallocated per layer as [slots, K, capacity, H] (`dt`: [slots, K,
-capacity]); the capacity grows in `CHUNK`-column steps up to the context length, so memory follows the longest
-live sequence, not the worst case. A decode step runs the slots 0..h-1 (h = highest slot in use + 1; a joining
+capacity]; [slots, N, capacity] in the first SmallDoge layout, whose bias is per attention head); the capacity
+grows in `CHUNK`-column steps up to the context length, so memory follows the longest live sequence, not the
+worst case. A decode step runs the slots 0..h-1 (h = highest slot in use + 1; a joining
 request takes the lowest free slot, so that prefix stays short) over the key columns 0..S-1 (S = longest row + 1)
 and masks each row past its own length; free slots in the prefix compute throw-away values.
 
@@ -25,7 +26,7 @@ CHUNK = 256  # capacity grows by this many key columns at a time
 
 
 class SlotCache:
-    """The preallocated tensors. `keys[l]`, `values[l]`: [slots, K, capacity, H]; `dts[l]`: [slots, K, capacity]."""
+    """The preallocated tensors. `keys[l]`, `values[l]`: [slots, K, capacity, H]; `dts[l]`: [slots, K or N, capacity]."""
 
     def __init__(self, step: DecodeStep, slots: int, max_len: int):
         self.step, self.slots, self.max_len = step, slots, max_len
@@ -55,7 +56,7 @@ class SlotCache:
         old = (self.keys, self.values, self.dts) if self.capacity else ([None] * L,) * 3
         self.keys = [grown(t, (self.slots, K, capacity, H)) for t in old[0]]
         self.values = [grown(t, (self.slots, K, capacity, H)) for t in old[1]]
-        self.dts = [grown(t, (self.slots, K, capacity)) for t in old[2]]
+        self.dts = [grown(t, (self.slots, self.step.dt_heads, capacity)) for t in old[2]]
         self.capacity = capacity
 
     @property

@@ -514,6 +514,40 @@ def test_served_with_trust_remote_code(original_export, tok, tmp_path):
     assert text == tok.decode(ids[0, len(prompt):])
 
 
+def test_static_decode_path_equals_generate(tok, tmp_path):
+    """The server's default decode path (fixed slots + the hand-written step) runs the first layout: no q/k norm,
+    dt per attention head cached as [slots, N, capacity]. Greedy tokens equal the export's `generate` for two
+    prompts decoding together, one past keep_window_size (the per-head top-k mask)."""
+    from transformers import AutoModelForCausalLM
+
+    from serve.decode_step import DecodeStep
+    from serve.engine import Engine
+    from serve.kv_batch import KVBatch
+    from serve.static_cache import SlotBatch
+
+    cfg, _ = write_published(tmp_path / "hub", "renamed", tok, seed=7, keep_window_size=8)
+    export = convert.to_hf(convert.from_hf(str(tmp_path / "hub"), str(tmp_path / "ckpt")), str(tmp_path / "hf"))
+    model = AutoModelForCausalLM.from_pretrained(export, trust_remote_code=True).eval()
+    prompts = [distinct_ids(1, n, cfg["vocab_size"], seed=n)[0].tolist() for n in (5, 14)]
+    new = 12
+    with torch.inference_mode():
+        expected = [model.generate(torch.tensor([p]), max_new_tokens=new, min_new_tokens=new, do_sample=False,
+                                   pad_token_id=0, eos_token_id=None)[0, len(p):].tolist() for p in prompts]
+    batch = SlotBatch(DecodeStep(model), slots=2, max_len=64)
+    prefill, logits = KVBatch(model).prefill(prompts)  # left-padded together, then copied into slots
+    batch.merge(prefill)
+    assert batch.cache.dts[0].shape[1] == N  # one bias row per attention head
+    produced = [[int(row.argmax())] for row in logits]
+    for _ in range(new - 1):
+        logits = batch.decode([p[-1] for p in produced])
+        for p, row in zip(produced, logits):
+            p.append(int(row.argmax()))
+    assert produced == expected
+    engine = Engine(AutoModelForCausalLM.from_pretrained(export, trust_remote_code=True).eval(), tok,
+                    threads=torch.get_num_threads())
+    assert engine.decode_path == "static"
+
+
 def test_serving_without_the_flag_is_a_one_line_error(original_export):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
     out = subprocess.run([sys.executable, "-m", "serve", "--model", original_export, "--port", str(_free_port())],
