@@ -306,7 +306,7 @@ plain, sharded = Scorer(model, batch_size=4), Scorer(model, batch_size=4, mesh=m
 for (a, ga), (b, gb) in zip(plain(reqs), sharded(reqs)):
     np.testing.assert_allclose(a, b, atol=2e-5, rtol=0)
     assert (ga == gb).all()
-assert sharded.dp == 2 and all(rows % 2 == 0 for rows, _ in sharded.compiled_shapes)
+assert sharded.dp == 2 and all(shape[0] % 2 == 0 for shape in sharded.compiled_shapes)
 print("ok", sorted(sharded.compiled_shapes))
 """
 
@@ -316,6 +316,33 @@ def test_scoring_on_a_mesh_equals_one_device():
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "PYTHONPATH": REPO}
     proc = subprocess.run([sys.executable, "-c", _MESH_CHECK], env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0 and proc.stdout.startswith("ok"), proc.stderr[-3000:]
+
+
+def test_scored_window_equals_full_logits():
+    """The LM head runs only on each row's last W positions: per-token log-likelihoods and greedy flags equal a
+    plain full forward of each request alone, for continuations shorter than, equal to and longer than 16, the
+    whole sequence, and rows shorter than the window."""
+    import jax
+
+    import doge_jax
+    from doge_jax.model import decoder as model_lib
+
+    cfg = doge_jax.DogeConfig(vocab_size=512, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                              keep_window_size=24)
+    model = model_lib.build(cfg, seed=2)
+    rng = np.random.default_rng(3)
+    shapes = [(70, 3), (70, 16), (70, 17), (50, 49), (9, 2), (5, 4), (40, 1), (90, 30), (12, 11), (33, 20)]
+    reqs = [(rng.permutation(np.arange(4, 512))[:length].tolist(), n) for length, n in shapes]
+    scorer = Scorer(model, pad_id=0, batch_size=4)
+    got = scorer(reqs)
+    assert any(window < length for _, length, window in scorer.compiled_shapes)  # the window path ran
+    for (tokens, n), (logp, greedy) in zip(reqs, got):
+        ids = np.asarray(tokens, np.int32)[None]
+        full = np.asarray(jax.nn.log_softmax(model(ids[:, :-1]).logits, axis=-1))[0]  # [L - 1, V]
+        want = full[np.arange(len(tokens) - 1), ids[0, 1:]][-n:]
+        np.testing.assert_allclose(logp, want, atol=2e-5, rtol=0)
+        np.testing.assert_array_equal(greedy, (full.argmax(-1) == ids[0, 1:])[-n:])
 
 
 def test_length_buckets_keep_compiles_few():

@@ -7,7 +7,9 @@ Request i scores `tokens[-n:]`, each conditioned on everything before it: the mo
 position t predicts `tokens[t + 1]`. Sequences are right-padded (a causal model never looks right, so padding
 changes nothing and needs no mask — lm-eval's `hf` backend feeds transformers the same way) to a length bucket
 (16, 24, 32, 48, 64, 96, ... : at most 1.5× the longest row) and grouped into batches of a bucketed row count,
-so a whole evaluation compiles a handful of programs.
+so a whole evaluation compiles a handful of programs. The final norm, LM head and log-softmax run only on a
+window of each row's last W positions (W: the bucket of the pass's largest n), so a multiple-choice pass of
+short continuations pays the vocabulary-sized head for 16 positions a row, not for the whole context.
 
 On a mesh the parameters are placed by the logical-axis table (`doge_jax.sharding`), the batch is split over the
 data-parallel axes, and results come back replicated, so every process reads them.
@@ -47,11 +49,12 @@ def rows_bucket(n: int, full: int, multiple: int = 1) -> int:
     return -(-rows // multiple) * multiple
 
 
-def _token_logprobs(graphdef, state, ids, targets):
-    """ids / targets [B, T] int32 → (log p(targets) [B, T] float32, targets == argmax [B, T] bool)."""
+def _token_logprobs(graphdef, state, ids, targets, at):
+    """ids [B, T] int32, at [B, W] int32 (the positions scored; None: all T), targets [B, W] int32 (the token
+    after each) → (log p(targets) [B, W] float32, targets == argmax [B, W] bool)."""
     model = nnx.merge(graphdef, state)
     model.eval()
-    logits = model(ids).logits  # [B, T, V] float32
+    logits = model(ids, logits_at=at).logits  # [B, W, V] float32
     logp = jax.nn.log_softmax(logits, axis=-1)
     picked = jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
     return picked, jnp.argmax(logits, axis=-1) == targets
@@ -94,13 +97,14 @@ class Scorer:
             spec = self._batch_sharding.spec[0]
             axes = () if spec is None else ((spec,) if isinstance(spec, str) else spec)
             self.dp = math.prod(mesh.shape[a] for a in axes)
-        self.compiled_shapes: set[tuple[int, int]] = set()  # (rows, length) of every program run so far
+        self.compiled_shapes: set[tuple[int, int, int]] = set()  # (rows, length, scored window) of every program run
 
-    def _run(self, ids: np.ndarray, targets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        self.compiled_shapes.add(ids.shape)
+    def _run(self, ids: np.ndarray, targets: np.ndarray, at: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+        self.compiled_shapes.add(ids.shape + (targets.shape[1],))
         if self._batch_sharding is not None:
-            ids, targets = (jax.device_put(x, self._batch_sharding) for x in (ids, targets))
-        picked, greedy = self._fn(self.graphdef, self.state, ids, targets)
+            ids, targets, at = (None if x is None else jax.device_put(x, self._batch_sharding)
+                                for x in (ids, targets, at))
+        picked, greedy = self._fn(self.graphdef, self.state, ids, targets, at)
         return np.asarray(picked), np.asarray(greedy)
 
     def __call__(self, requests: Sequence[tuple[Sequence[int], int]]) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -125,9 +129,18 @@ class Scorer:
                     tokens = np.asarray(requests[i][0], np.int32)
                     ids[row, :len(tokens) - 1] = tokens[:-1]
                     targets[row, :len(tokens) - 1] = tokens[1:]
-                picked, greedy = self._run(ids, targets)
+                # Only the last n positions of a row are scored: the LM head runs on a window of W (a bucket
+                # holding the chunk's largest n) ending at each row's last token, not on all T positions.
+                W = length_bucket(max(requests[i][1] for i in chunk))
+                at = None
+                if W < T:
+                    ends = np.zeros(B, np.int64)
+                    ends[:len(chunk)] = [lengths[i] for i in chunk]
+                    at = np.maximum(ends[:, None] - W + np.arange(W), 0).astype(np.int32)  # [B, W]
+                    targets = np.take_along_axis(targets, at, axis=1)
+                picked, greedy = self._run(ids, targets, at)
                 for row, i in enumerate(chunk):
-                    n, end = requests[i][1], lengths[i]
+                    n, end = requests[i][1], (lengths[i] if at is None else W)
                     out[i] = (picked[row, end - n:end], greedy[row, end - n:end])
         return out
 

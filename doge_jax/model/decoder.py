@@ -89,10 +89,13 @@ class Doge(nnx.Module):
         segment_ids: jax.Array | None = None,
         cache: list | None = None,
         cache_index: jax.Array | int | None = None,
+        logits_at: jax.Array | None = None,
     ) -> CausalLMOutput:
         """input_ids [B, T] int; attention_mask [B, T] (1 = token, 0 = padding), or with a cache [B, S_cache]
         marking the filled slots; positions [B, T] (default 0..T-1, or cache_index.. with a cache);
-        segment_ids [B, T] for packed sequences (attention never crosses segments)."""
+        segment_ids [B, T] for packed sequences (attention never crosses segments); logits_at [B, W] int: the
+        positions whose logits are wanted (logits [B, W, V]: the final norm and LM head run on W positions, not
+        T, as scoring a few continuation tokens needs; transformers' `logits_to_keep` with an index per row)."""
         cfg = self.cfg
         B, T = input_ids.shape
         if positions is None:
@@ -118,6 +121,8 @@ class Doge(nnx.Module):
             new_cache.append(layer_cache)
             if routing is not None:
                 routings.append(routing)
+        if logits_at is not None:
+            h = jnp.take_along_axis(h, logits_at[..., None].astype(jnp.int32), axis=1)  # [B, W, D]
         h = self.norm(h)
         if self.lm_head is None:
             logits = jnp.dot(h, self.embed_tokens[...].astype(h.dtype).T)
