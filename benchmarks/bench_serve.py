@@ -4,7 +4,7 @@ and doge-jax's sampler on the same weights, with 1-16 concurrent streaming clien
     python benchmarks/bench_serve.py                              # Doge-20M and Doge-60M shapes, everything
     python benchmarks/bench_serve.py --shapes 20m --clients 1,8 --repeats 3
     python benchmarks/bench_serve.py --compile-check --shapes 20m # + the hand-written step vs torch.compile of it
-    python benchmarks/bench_serve.py --layout-check               # only batch-1 linears: row- vs column-major
+    python benchmarks/bench_serve.py --layout-check               # only the linears: row/column-major, packed
 
 Models: each preset's shape (configs/doge_20m.py, configs/doge_60m.py) with its real 32,768 vocab, random weights
 (`A` drawn from N(0, 0.5) so the DMA mask varies), built in JAX, exported with `convert.to_hf`, plus an offline
@@ -284,13 +284,15 @@ def compile_check(hf_dir: Path, tokens: int) -> None:
 
 
 def layout_check(hf_dir: Path, threads: int) -> None:
-    """Batch-1 float32 linears with the weight row-major (F.linear's GEMV) vs column-major (W^T contiguous, what
-    serve/decode_step.py `_gemv_layout` stores where O > I): per weight shape of the model, streaming through
-    enough copies to leave the cache (as a decode step does), and the whole decode step both ways; at 1 and
-    `threads` torch threads."""
+    """Small-batch float32 linears three ways: MKL on the row-major weight (F.linear as transformers has it), MKL
+    on a column-major copy (W^T contiguous), and oneDNN on its packed layout (serve/packed_linear.py, the static
+    path's default): per weight shape of the model at batch 1 and 8, streaming through enough copies to leave the
+    cache as a decode step does; then the whole decode step each way at batch 1 and 8; at 1 and `threads` torch
+    threads."""
     import torch
     from transformers import AutoModelForCausalLM
 
+    from serve import packed_linear
     from serve.decode_step import DecodeStep
     from serve.kv_batch import KVBatch
     from serve.static_cache import SlotBatch
@@ -304,40 +306,50 @@ def layout_check(hf_dir: Path, threads: int) -> None:
                 fn(i)
         return (time.perf_counter() - t0) / (3 * n) * 1e3
 
-    def step_ms(model, row_major: bool) -> float:
-        step = DecodeStep(model)
-        if row_major:  # undo the layout: the same step on contiguous [O, I] weights
+    def step_ms(layout: str, rows: int) -> float:
+        model = AutoModelForCausalLM.from_pretrained(hf_dir).eval()
+        step = DecodeStep(model, packed=layout == "packed")
+        if layout == "row":  # undo the column-major layout: the same step on contiguous [O, I] weights
             for lay in step.layers:
                 for fused in (lay.qkv, lay.gate_up):
                     fused.weight = fused.weight.contiguous()
+                for linear in (lay.attn.o_proj, lay.layer.mlp.down_proj):
+                    linear.weight = torch.nn.Parameter(linear.weight.detach().contiguous(), requires_grad=False)
             model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.detach().contiguous(), requires_grad=False)
-        batch = SlotBatch(step, 1, 512)
-        prefill, logits = KVBatch(model).prefill([list(range(5, 40))])
+        batch = SlotBatch(step, rows, 512)
+        prefill, logits = KVBatch(model).prefill([list(range(5 + r, 40 + r)) for r in range(rows)])
         batch.merge(prefill)
-        token = [int(logits[0].argmax())]
-        return timed(lambda _: batch.decode(token), 60)
+        tokens = [int(t) for t in logits.argmax(-1)]
+        return timed(lambda _: batch.decode(tokens), 40)
 
     config = AutoModelForCausalLM.from_pretrained(hf_dir).config
-    D, F_, H = config.hidden_size, config.intermediate_size, config.hidden_size // config.num_attention_heads
-    H = getattr(config, "head_dim", None) or H
+    D, F_ = config.hidden_size, config.intermediate_size
+    H = getattr(config, "head_dim", None) or D // config.num_attention_heads
     shapes = {"qkv": ((config.num_attention_heads + 2 * config.num_key_value_heads) * H, D), "o_proj": (D, D),
               "gate_up": (2 * F_, D), "down": (D, F_), "lm_head": (config.vocab_size, D)}
     for t in sorted({1, threads}):
         torch.set_num_threads(t)
-        cells = []
-        with torch.inference_mode():
-            for name, (O, I) in shapes.items():
-                n = max(4, int(200e6 / (O * I * 4)))
-                rows = [torch.randn(O, I) for _ in range(n)]
-                cols = [w.t().contiguous().t() for w in rows]
-                x = torch.randn(1, I)
-                a = timed(lambda i: torch.nn.functional.linear(x, rows[i]), n)
-                b = timed(lambda i: torch.nn.functional.linear(x, cols[i]), n)
-                cells.append(f"{name} [{O},{I}] {a * 1e3:.0f}/{b * 1e3:.0f} us ({a / b:.2f}x)")
-        plain = step_ms(AutoModelForCausalLM.from_pretrained(hf_dir).eval(), row_major=True)
-        laid = step_ms(AutoModelForCausalLM.from_pretrained(hf_dir).eval(), row_major=False)
-        print(f"layout check ({hf_dir.name}, {t} thread(s)), row-major/column-major: " + "; ".join(cells)
-              + f"; decode step {plain:.2f} -> {laid:.2f} ms ({plain / laid:.2f}x)", flush=True)
+        for rows in (1, 8):
+            cells = []
+            with torch.inference_mode():
+                for name, (O, I) in shapes.items():
+                    n = max(4, int(200e6 / (O * I * 4)))
+                    dense = [torch.randn(O, I) for _ in range(n)]
+                    cols = [w.t().contiguous().t() for w in dense]
+                    x = torch.randn(rows, I)
+                    r = timed(lambda i: torch.nn.functional.linear(x, dense[i]), n)
+                    c = timed(lambda i: torch.nn.functional.linear(x, cols[i]), n)
+                    cell = f"{name} [{O},{I}] {r * 1e3:.0f}/{c * 1e3:.0f}"
+                    if packed_linear.available():
+                        del cols
+                        packed = [packed_linear.PackedLinear(w, None) for w in dense]
+                        cell += f"/{timed(lambda i: packed[i](x), n) * 1e3:.0f}"
+                    cells.append(cell + " us")
+            layouts = ["row", "column"] + (["packed"] if packed_linear.available() else [])
+            steps = {layout: step_ms(layout, rows) for layout in layouts}
+            print(f"layout check ({hf_dir.name}, {t} thread(s), batch {rows}), {'/'.join(layouts)}: "
+                  + "; ".join(cells) + "; decode step " + " / ".join(f"{v:.2f}" for v in steps.values())
+                  + f" ms ({steps['row'] / min(steps.values()):.2f}x best vs row-major)", flush=True)
 
 
 def main() -> None:
@@ -350,7 +362,7 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3, help="rounds per client count (medians are reported)")
     p.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
     p.add_argument("--compile-check", action="store_true")
-    p.add_argument("--layout-check", action="store_true", help="time row- vs column-major weights, then exit")
+    p.add_argument("--layout-check", action="store_true", help="time the linear weight layouts, then exit")
     args = p.parse_args()
     counts = [int(c) for c in args.clients.split(",")]
     variants = args.variants.split(",")

@@ -3,8 +3,11 @@
 transformers' forward spends most of a Doge-20M decode step outside the matmuls (mask building, cache objects,
 output wrappers, ~60 small ops a layer), and recomputes `dt_proj` over every cached key at every step. This step
 computes the same function for one new token per row with fewer ops: q/k/v and gate/up projections fused into one
-matmul each (the model's own weight tensors become views into the fused ones, so nothing is copied), one RMSNorm
-over q and k together, RoPE with a roll, and the DMA bias `dt` of each key computed once and cached beside K/V.
+matmul each, one RMSNorm over q and k together, RoPE with a roll, and the DMA bias `dt` of each key computed once
+and cached beside K/V. Float32 linears run on oneDNN's packed weights (`packed_linear.py`: 1.5-1.9x the step on
+MKL's F.linear), which replace the model's own modules, so prefill through its forward uses them too and no
+weight is held twice; without those kernels the fused weights are dense, column-major (`_gemv_layout`), and the
+model's weights become views into them.
 
 Why not `torch.compile` on top: a Doge decode step is bound by reading the weights once the step is hand-written
 (Doge-20M's float32 LM head alone is 33.5 MB a token), so inductor has little left to win, and every server start
@@ -29,11 +32,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import packed_linear
 from .quantize import Int8Linear
 
 
 def _gemv_layout(weight: torch.Tensor) -> torch.Tensor:
     """Float32 `weight` [O, I] stored column-major (its transpose contiguous): same values, shape and dtype.
+    The layout of the dense path (`DecodeStep(packed=False)`, or a torch without oneDNN's packed linear).
 
     F.linear(x, W) computes x @ W^T. With W row-major, a batch-1 float32 call is MKL's GEMV; with W^T contiguous
     it is MKL's GEMM, which streams the weight faster. `python benchmarks/bench_serve.py --layout-check` (2-core
@@ -82,21 +87,37 @@ class _Fused:
         return self.layer(x) if self.layer is not None else F.linear(x, self.weight, self.bias)
 
 
+def _fuse(parent: nn.Module, names: list[str], packed: bool):
+    """One matmul for `parent`'s linears `names`: oneDNN-packed when asked and all are float32 nn.Linear, else
+    `_Fused` (dense column-major, or int8)."""
+    if packed and all(packed_linear.is_packable(getattr(parent, n)) for n in names):
+        return packed_linear.fuse_in_place(parent, names)
+    return _Fused([getattr(parent, n) for n in names])
+
+
+def _single(parent: nn.Module, name: str, packed: bool) -> None:
+    linear = getattr(parent, name)
+    if packed and packed_linear.is_packable(linear):
+        setattr(parent, name, packed_linear.PackedLinear.of(linear))
+    else:
+        _relayout(linear)
+
+
 class _Layer:
-    def __init__(self, layer: nn.Module):
+    def __init__(self, layer: nn.Module, packed: bool):
         attn = layer.self_attn
         self.attn, self.layer = attn, layer
-        self.qkv = _Fused([attn.q_proj, attn.k_proj, attn.v_proj])
         n, k = attn.q_proj.out_features // attn.head_dim, attn.k_proj.out_features // attn.head_dim
+        self.qkv = _fuse(attn, ["q_proj", "k_proj", "v_proj"], packed)
         self.qk_norm_weight = None  # the first SmallDoge layout has no q/k norm
         if hasattr(attn, "q_norm"):
             self.qk_norm_weight = torch.cat([attn.q_norm.weight.detach().expand(n, -1),
                                              attn.k_norm.weight.detach().expand(k, -1)])  # [N + K, H]
             self.qk_norm_eps = attn.q_norm.variance_epsilon
         self.moe = bool(layer.config.is_moe)
-        self.gate_up = _Fused([layer.mlp.gate_proj, layer.mlp.up_proj])  # CDMoE's shared expert has them too
-        _relayout(attn.o_proj)
-        _relayout(layer.mlp.down_proj)
+        self.gate_up = _fuse(layer.mlp, ["gate_proj", "up_proj"], packed)  # CDMoE's shared expert has them too
+        _single(attn, "o_proj", packed)
+        _single(layer.mlp, "down_proj", packed)
         self.ff = layer.mlp.intermediate_size
 
     def mlp(self, h: torch.Tensor) -> torch.Tensor:
@@ -125,8 +146,15 @@ class _Layer:
 class DecodeStep:
     """`step(tokens, positions, cache, rows, keys)`: next-token logits [len(rows), V], one new token per slot."""
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, packed: bool | None = None):
+        """packed: float32 linears on oneDNN's packed layout (serve/packed_linear.py; the model's modules are
+        replaced, prefill included); None: when this torch has the kernels; False: dense column-major weights."""
         cfg = model.config
+        if packed is None:
+            packed = packed_linear.available()
+        elif packed and not packed_linear.available():
+            raise ValueError("packed=True: this torch build has no oneDNN packed float32 linear")
+        self.packed = packed
         if getattr(cfg, "sliding_window", None) is not None:
             raise ValueError(f"sliding_window={cfg.sliding_window}: the static decode path does not implement it")
         first = model.model.layers[0].self_attn
@@ -143,9 +171,11 @@ class DecodeStep:
         self.head_dim = attn.head_dim
         self.groups = self.heads // self.kv_heads
         self.window = int(cfg.keep_window_size)
-        self.layers = [_Layer(layer) for layer in model.model.layers[: cfg.num_hidden_layers]]
+        self.layers = [_Layer(layer, packed) for layer in model.model.layers[: cfg.num_hidden_layers]]
         head = model.lm_head
-        if type(head) is nn.Linear:  # the tied embedding gets the same re-laid-out tensor (rows stay gatherable)
+        if packed and packed_linear.is_packable(head):  # a tied embedding keeps the dense tensor for its lookups
+            model.lm_head = packed_linear.PackedLinear.of(head)
+        elif type(head) is nn.Linear:  # the tied embedding gets the same re-laid-out tensor (rows stay gatherable)
             weight = nn.Parameter(_gemv_layout(head.weight.detach()), requires_grad=False)
             if model.model.embed_tokens.weight is head.weight:
                 model.model.embed_tokens.weight = weight

@@ -109,23 +109,66 @@ def test_slots_joining_and_leaving_decode_what_generate_decodes(moe):
 
 
 @pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
-def test_gemv_layout_keeps_values_shapes_and_ties(tied):
-    """DecodeStep stores the float32 linear weights column-major (the fast batch-1 layout on MKL): the model's
-    own forward gives the same logits after, the tied embedding still is the LM head's tensor, and shapes are
-    unchanged."""
+@pytest.mark.parametrize("packed", [False, True], ids=["column-major", "onednn-packed"])
+def test_decode_step_weight_layouts_keep_the_model_forward(tied, packed):
+    """DecodeStep re-lays out the float32 linears (column-major dense, or oneDNN-packed modules replacing the
+    model's own): the model's forward, which prefill uses, gives the same logits after, on two different inputs
+    in turn; a tied embedding keeps a dense table."""
+    from serve import packed_linear
+
+    if packed and not packed_linear.available():
+        pytest.skip("this torch has no oneDNN packed linear")
     model = random_doge(seed=3, tie_word_embeddings=tied)
-    ids = torch.tensor([distinct_prompt(30, seed=7)])
+    a, b = torch.tensor([distinct_prompt(30, seed=7)]), torch.tensor([distinct_prompt(12, seed=8)] * 2)
     with torch.inference_mode():
-        before = model(ids).logits
-    DecodeStep(model)
-    head, attn, mlp = model.lm_head.weight, model.model.layers[0].self_attn, model.model.layers[0].mlp
-    assert head.shape == (VOCAB, 64) and head.stride() == (1, VOCAB)
-    assert (model.model.embed_tokens.weight is head) == tied
-    assert attn.q_proj.weight.stride()[0] == 1 and mlp.gate_proj.weight.stride()[0] == 1  # views of fused W^T
-    assert mlp.down_proj.weight.stride()[0] == 1 and attn.o_proj.weight.stride()[0] == 1
+        before = model(a).logits, model(b).logits
+    DecodeStep(model, packed=packed)
+    attn, mlp = model.model.layers[0].self_attn, model.model.layers[0].mlp
+    embed = model.model.embed_tokens.weight
+    assert embed.shape == (VOCAB, 64)
+    if packed:
+        assert isinstance(model.lm_head, packed_linear.PackedLinear) and embed.is_contiguous()
+        assert all(isinstance(m, packed_linear.FusedPart) for m in (attn.q_proj, attn.k_proj, attn.v_proj,
+                                                                     mlp.gate_proj, mlp.up_proj))
+        assert isinstance(attn.o_proj, packed_linear.PackedLinear)
+        assert isinstance(mlp.down_proj, packed_linear.PackedLinear)
+    else:
+        head = model.lm_head.weight
+        assert head.shape == (VOCAB, 64) and head.stride() == (1, VOCAB)
+        assert (embed is head) == tied
+        assert attn.q_proj.weight.stride()[0] == 1 and mlp.gate_proj.weight.stride()[0] == 1  # views of fused W^T
+        assert mlp.down_proj.weight.stride()[0] == 1 and attn.o_proj.weight.stride()[0] == 1
     with torch.inference_mode():
-        after = model(ids).logits
-    torch.testing.assert_close(after, before, rtol=0, atol=1e-5)
+        after = model(a).logits, model(b).logits, model(a).logits
+    for got, want in zip(after, before + before[:1]):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+
+
+def test_fused_parts_never_serve_a_stale_output():
+    """A FusedPart slices the fused output computed for the same input tensor; asked twice, or for another
+    tensor, or (outside inference mode) after the tensor changed in place, it computes again."""
+    from serve import packed_linear
+
+    if not packed_linear.available():
+        pytest.skip("this torch has no oneDNN packed linear")
+    torch.manual_seed(0)
+    parent = torch.nn.Module()
+    parent.p, parent.q = torch.nn.Linear(16, 8), torch.nn.Linear(16, 24, bias=False)
+    with torch.no_grad():
+        wp, bp, wq = parent.p.weight.clone(), parent.p.bias.clone(), parent.q.weight.clone()
+        fused = packed_linear.fuse_in_place(parent, ["p", "q"])
+        ref_p, ref_q = (lambda x: x @ wp.t() + bp), (lambda x: x @ wq.t())
+        x, y = torch.randn(3, 16), torch.randn(3, 16)
+        close = lambda got, want: torch.testing.assert_close(got, want, rtol=0, atol=1e-5)  # noqa: E731
+        close(parent.p(x), ref_p(x))
+        close(parent.q(y), ref_q(y))  # another tensor: not x's output
+        close(parent.q(x), ref_q(x))
+        close(parent.q(x), ref_q(x))  # the same part again
+        close(parent.p(x), ref_p(x))  # every part served: the memo is dropped
+        close(parent.p(x), ref_p(x))  # a new round for x
+        x.mul_(2.0)  # in place, same tensor object: its version counter moves
+        close(parent.q(x), ref_q(x))
+        close(fused(x), torch.cat([ref_p(x), ref_q(x)], dim=-1))
 
 
 def test_engine_requests_join_and_leave_slots_and_match_generate(tiny_model_dir):
