@@ -147,6 +147,8 @@ class Engine:
         if decode_path == "static":
             try:
                 self._step = DecodeStep(self.model)
+                log.info("static decode path: float32 linears %s", "on oneDNN packed weights" if self._step.packed
+                         else "dense, column-major (this torch has no oneDNN packed linear)")
             except ValueError as exc:
                 log.warning("static decode path unavailable (%s); decoding through the model's forward", exc)
         self.decode_path = "static" if self._step is not None else "dynamic"
