@@ -32,7 +32,8 @@ def available() -> bool:
     try:
         if not torch.backends.mkldnn.is_available():
             return False
-        w, x, b = torch.randn(24, 16), torch.randn(3, 16), torch.randn(24)
+        g = torch.Generator().manual_seed(0)  # not the global RNG: probing must not move a seeded run's stream
+        w, x, b = (torch.randn(*shape, generator=g) for shape in ((24, 16), (3, 16), (24,)))
         packed = torch.ops.mkldnn._reorder_linear_weight(w, BATCH_HINT)
         y = torch.ops.mkldnn._linear_pointwise(x, packed, b, "none", [], "")
         return bool(torch.allclose(y, x @ w.t() + b, atol=1e-5))

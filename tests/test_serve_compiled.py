@@ -151,6 +151,8 @@ def test_fused_parts_never_serve_a_stale_output():
 
     if not packed_linear.available():
         pytest.skip("this torch has no oneDNN packed linear")
+    rng = torch.get_rng_state()
+    assert packed_linear.available.__wrapped__() and torch.equal(torch.get_rng_state(), rng)  # probe: own RNG
     torch.manual_seed(0)
     parent = torch.nn.Module()
     parent.p, parent.q = torch.nn.Linear(16, 8), torch.nn.Linear(16, 24, bias=False)
