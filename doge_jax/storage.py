@@ -140,22 +140,30 @@ def open_file(p, mode: str = "rb"):
     return open(p, mode)  # pylint: disable=unspecified-encoding  (binary or explicit by the caller)
 
 
+@contextlib.contextmanager
+def _replacing(local: str) -> Iterator:
+    """A binary file to write `local` through: a temp file beside it, renamed onto it only when the block
+    ends without an error (removed otherwise), so readers never see half a file."""
+    directory = os.path.dirname(os.fspath(local))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            yield f
+        os.replace(tmp, local)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
 def write_bytes_atomic(p, data: bytes) -> None:
     """Writes a whole file: a temp file renamed onto `p` locally; one object upload on gs:// (an object
     appears only when its upload completes), so readers never see half a file."""
     if is_remote(p):
         path(p).write_bytes(data)
         return
-    directory = os.path.dirname(os.fspath(p))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, p)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    with _replacing(p) as f:
+        f.write(data)
 
 
 def upload_dir(local_dir: str, dest, *, last: tuple[str, ...] = ()) -> None:
@@ -233,17 +241,12 @@ def local_copy(p, *, cache_dir: str | None = None) -> str:
     local = os.path.join(cache_dir, str(p)[len("gs://"):])
     version = _object_version(p)
     marker = local + ".version"
-    if os.path.isfile(local) and os.path.isfile(marker) and open(marker).read() == version:
-        return local
-    os.makedirs(os.path.dirname(local), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=os.path.dirname(local))
-    try:  # streamed (shards are large), renamed into place whole, then the marker: a reader never sees half
-        with os.fdopen(fd, "wb") as out, open_file(p) as src:
-            shutil.copyfileobj(src, out, 1 << 24)
-        os.replace(tmp, local)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    if os.path.isfile(local) and os.path.isfile(marker):
+        with open(marker) as f:
+            if f.read() == version:
+                return local
+    with _replacing(local) as out, open_file(p) as src:  # streamed (shards are large), then the marker
+        shutil.copyfileobj(src, out, 1 << 24)
     write_bytes_atomic(marker, version.encode())
     return local
 

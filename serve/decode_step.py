@@ -70,11 +70,7 @@ class _Fused:
         if not all(isinstance(m, nn.Linear) for m in linears):
             raise TypeError(f"cannot fuse {[type(m).__name__ for m in linears]}: mixed linear kinds")
         weight = _gemv_layout(torch.cat([m.weight.detach() for m in linears]))  # [sum O, I]
-        biases = [m.bias for m in linears]
-        bias = None
-        if any(b is not None for b in biases):
-            bias = torch.cat([b.detach() if b is not None else torch.zeros(m.out_features, dtype=weight.dtype)
-                              for m, b in zip(linears, biases)])
+        bias = packed_linear.concat_bias(linears)
         rows = 0
         for m in linears:
             m.weight = nn.Parameter(weight[rows : rows + m.out_features], requires_grad=False)

@@ -41,6 +41,15 @@ def available() -> bool:
         return False
 
 
+def concat_bias(linears: list[nn.Module]) -> torch.Tensor | None:
+    """The biases of linears fused side by side (zeros for those without one); None when none has one."""
+    present = [m.bias for m in linears if m.bias is not None]
+    if not present:
+        return None
+    return torch.cat([m.bias.detach() if m.bias is not None else torch.zeros(m.out_features, dtype=present[0].dtype)
+                      for m in linears])
+
+
 class PackedLinear(nn.Module):
     """y = x W^T + b with W [O, I] float32 held in oneDNN's packed layout."""
 
@@ -57,12 +66,7 @@ class PackedLinear(nn.Module):
     @classmethod
     def fused(cls, linears: list[nn.Linear]) -> "PackedLinear":
         """One packed layer computing every linear's outputs side by side."""
-        weight = torch.cat([m.weight.detach() for m in linears])  # [sum O, I]
-        bias = None
-        if any(m.bias is not None for m in linears):
-            bias = torch.cat([m.bias.detach() if m.bias is not None else torch.zeros(m.out_features)
-                              for m in linears])
-        return cls(weight, bias)
+        return cls(torch.cat([m.weight.detach() for m in linears]), concat_bias(linears))  # [sum O, I]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape

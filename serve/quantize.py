@@ -20,6 +20,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .packed_linear import concat_bias
+
 KERNEL_WIDTH = 16  # in_features must be a multiple of this for _weight_int8pack_mm
 
 
@@ -47,10 +49,7 @@ class Int8Linear(nn.Module):
     @classmethod
     def concat(cls, parts: list["Int8Linear"]) -> "Int8Linear":
         """One layer computing every part's outputs side by side (scales are per row, so this is exact)."""
-        biases = [p.bias for p in parts]
-        bias = None if all(b is None for b in biases) else torch.cat(
-            [b if b is not None else torch.zeros(p.out_features) for p, b in zip(parts, biases)])
-        return cls(torch.cat([p.qweight for p in parts]), torch.cat([p.scales for p in parts]), bias)
+        return cls(torch.cat([p.qweight for p in parts]), torch.cat([p.scales for p in parts]), concat_bias(parts))
 
     def dequantized(self) -> torch.Tensor:
         return self.qweight.float() * self.scales.float()[:, None]  # [O, I]

@@ -108,9 +108,10 @@ def test_slots_joining_and_leaving_decode_what_generate_decodes(moe):
         assert len(produced[i]) >= done
 
 
-@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+@pytest.mark.parametrize("tied, bias", [(False, False), (True, False), (False, True)],
+                         ids=["untied", "tied", "biases"])
 @pytest.mark.parametrize("packed", [False, True], ids=["column-major", "onednn-packed"])
-def test_decode_step_weight_layouts_keep_the_model_forward(tied, packed):
+def test_decode_step_weight_layouts_keep_the_model_forward(tied, bias, packed):
     """DecodeStep re-lays out the float32 linears (column-major dense, or oneDNN-packed modules replacing the
     model's own): the model's forward, which prefill uses, gives the same logits after, on two different inputs
     in turn; a tied embedding keeps a dense table."""
@@ -118,7 +119,12 @@ def test_decode_step_weight_layouts_keep_the_model_forward(tied, packed):
 
     if packed and not packed_linear.available():
         pytest.skip("this torch has no oneDNN packed linear")
-    model = random_doge(seed=3, tie_word_embeddings=tied)
+    model = random_doge(seed=3, tie_word_embeddings=tied, attention_bias=bias, mlp_bias=bias)
+    if bias:
+        with torch.no_grad():
+            for layer in model.model.layers:  # transformers initialises biases to zero
+                for linear in (layer.self_attn.q_proj, layer.self_attn.v_proj, layer.mlp.up_proj):
+                    linear.bias.normal_(0.0, 0.5)
     a, b = torch.tensor([distinct_prompt(30, seed=7)]), torch.tensor([distinct_prompt(12, seed=8)] * 2)
     with torch.inference_mode():
         before = model(a).logits, model(b).logits
