@@ -7,6 +7,12 @@ import logging
 import os
 import sys
 
+# Before torch loads libgomp, which reads it once: OpenMP threads that finish a parallel region sleep instead of
+# spinning. With every core in torch's pool (the default), spinning workers fight the event loop and any neighbour
+# for the cores, and one that loses its core stalls every op: on the shared 2-core EPYC (load 5-13) a 2-thread
+# Doge-20M step took 69-292 ms with spinning and 8-15 ms with passive waits (bench_serve.py --threads-check).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 
 def parse_args(argv: list[str] | None = None):
     from .config import ServeConfig
@@ -18,7 +24,9 @@ def parse_args(argv: list[str] | None = None):
     p.add_argument("--served-model-name", default=None,
                    help="name clients pass as `model` (default: dir name / Hub id)")
     p.add_argument("--revision", default=None, help="Hub revision: branch, tag or commit")
-    p.add_argument("--dtype", default=d.dtype, choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--dtype", default=d.dtype, choices=["auto", "float32", "bfloat16"],
+                   help="weights of the linear layers: auto (default) = bfloat16 where the CPU has bf16 dot products "
+                        "(AVX-512 BF16, AMX), else float32; norms, dt, softmax and the KV cache stay float32")
     p.add_argument("--chat-template", default=None, help="Jinja chat template file (or text) for models without one")
     p.add_argument("--trust-remote-code", action="store_true",
                    help="run the modeling code the model folder ships (its config.json auto_map), e.g. a converted "
@@ -29,12 +37,13 @@ def parse_args(argv: list[str] | None = None):
                    help="require `Authorization: Bearer KEY` (default: $DOGE_SERVE_API_KEY; unset = open)")
     p.add_argument("--max-batch", type=int, default=d.max_batch, help="sequences decoded together")
     p.add_argument("--max-queue", type=int, default=d.max_queue, help="sequences waiting beyond the batch before 429")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: usable cores - 1, at least 1)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: every usable core)")
     p.add_argument("--decode-path", default=d.decode_path, choices=["static", "dynamic"],
                    help="static: fixed KV-cache slots and a hand-written decode step (default); "
                         "dynamic: the model's own forward over a growing cache")
     p.add_argument("--quantize", default=None, choices=["int8"],
-                   help="int8 weight-only linear layers and LM head (faster; logits change slightly)")
+                   help="int8 linear layers and LM head, on the kernels measured fastest at start-up (faster; "
+                        "logits change slightly; --dtype then applies only to layers left unquantised)")
     p.add_argument("--default-max-tokens", type=int, default=None,
                    help="chat budget when a request sets none (default: the rest of the context)")
     p.add_argument("--log-level", default="info")
@@ -67,9 +76,12 @@ def main(argv: list[str] | None = None) -> None:
 
     config, log_level = parse_args(argv)
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:  # config.json only: a refusal costs no model load and reads as one line, not a startup traceback
+    from .engine import resolve_dtype
+
+    try:  # config.json and this CPU only: a refusal costs no model load and reads as one line, not a traceback
         check_remote_code(config.model, config.revision, config.trust_remote_code)
-    except RemoteCodeRefused as exc:
+        resolve_dtype(config.dtype)
+    except (RemoteCodeRefused, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
     uvicorn.run(create_app(config), host=config.host, port=config.port, log_level=log_level,

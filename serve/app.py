@@ -204,18 +204,19 @@ def create_app(config: ServeConfig, engine: Engine | None = None, tokenizer=None
 
             try:
                 model, tok = await asyncio.to_thread(
-                    load, config.model, config.revision, config.dtype, config.chat_template, config.trust_remote_code
+                    load, config.model, config.revision, config.chat_template, config.trust_remote_code
                 )
             except Exception as exc:
                 log.error("cannot load model %r: %s: %s", config.model, type(exc).__name__, exc)
                 raise
             state.engine = Engine(model, tok, config.max_batch, config.max_queue, config.threads,
-                                  config.decode_path, config.quantize)
+                                  config.decode_path, config.quantize, config.dtype)
             state.tokenizer = tok
         state.scorer = scoring.PromptScorer(state.engine.model, state.tokenizer)
         await asyncio.to_thread(state.engine.start)
-        log.info("serving %s (max_batch=%d, max_queue=%d, threads=%d)", config.model_name, config.max_batch,
-                 config.max_queue, state.engine.threads)
+        log.info("serving %s (max_batch=%d, max_queue=%d, threads=%s)", config.model_name, config.max_batch,
+                 config.max_queue, f"1 or {state.engine.threads}, by timing" if state.engine.thread_chooser
+                 else state.engine.threads)
         try:
             yield
         finally:

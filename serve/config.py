@@ -11,14 +11,16 @@ class ServeConfig:
     model: str  # a local directory written by the exporter, or a Hugging Face Hub id
     served_model_name: str | None = None  # the `model` clients send; defaults to the dir's name / the Hub id
     revision: str | None = None  # Hub revision (branch, tag or commit); ignored for local dirs
-    dtype: str = "float32"  # CPU matmuls are fastest and exact in float32; bfloat16 halves memory
+    # Weights of the linear layers: "auto" is bfloat16 where the CPU has bf16 dot products (AVX-512 BF16, AMX: half
+    # the bytes a token reads, fp32 accumulation), else float32. Norms, dt, softmax and the KV cache stay float32.
+    dtype: str = "auto"
     chat_template: str | None = None  # a Jinja file or string, for models exported without one
     api_key: str | None = None  # when set, /v1 and tokenize routes need `Authorization: Bearer KEY`
     max_batch: int = 16  # rows decoded together; 8-16 saturates two CPU cores on Doge-20M
     max_queue: int = 64  # sequences allowed to wait for a batch slot before 429
-    threads: int | None = None  # torch intra-op threads; None: all usable cores but one (kept for HTTP)
+    threads: int | None = None  # torch intra-op threads; None: every usable core (OpenMP waits passively)
     decode_path: str = "static"  # "static": slot cache + hand-written step (faster); "dynamic": the model's forward
-    quantize: str | None = None  # "int8": int8 weight-only linears and LM head
+    quantize: str | None = None  # "int8": int8 linears and LM head, kernels chosen by measurement at start-up
     default_max_tokens: int | None = None  # chat default when the request sets none; None = rest of the context
     # Run the modeling code a model folder ships (config.json `auto_map`), as the first-layout SmallDoge exports
     # need. Off by default: that code runs with the server's rights, so it is the operator's explicit choice.
@@ -31,8 +33,8 @@ class ServeConfig:
             raise ValueError(f"max_batch={self.max_batch} must be >= 1")
         if self.max_queue < 0:
             raise ValueError(f"max_queue={self.max_queue} must be >= 0")
-        if self.dtype not in ("float32", "bfloat16", "float16"):
-            raise ValueError(f"dtype={self.dtype!r} must be one of float32, bfloat16, float16")
+        if self.dtype not in ("auto", "float32", "bfloat16"):
+            raise ValueError(f"dtype={self.dtype!r} must be one of auto, float32, bfloat16")
         if self.decode_path not in ("static", "dynamic"):
             raise ValueError(f"decode_path={self.decode_path!r} must be one of static, dynamic")
         if self.quantize not in (None, "int8"):

@@ -4,10 +4,11 @@ transformers' forward spends most of a Doge-20M decode step outside the matmuls 
 output wrappers, ~60 small ops a layer), and recomputes `dt_proj` over every cached key at every step. This step
 computes the same function for one new token per row with fewer ops: q/k/v and gate/up projections fused into one
 matmul each, one RMSNorm over q and k together, RoPE with a roll, and the DMA bias `dt` of each key computed once
-and cached beside K/V. Float32 linears run on oneDNN's packed weights (`packed_linear.py`: 1.5-1.9x the step on
-MKL's F.linear), which replace the model's own modules, so prefill through its forward uses them too and no
-weight is held twice; without those kernels the fused weights are dense, column-major (`_gemv_layout`), and the
-model's weights become views into them.
+and cached beside K/V. Linears run on oneDNN's packed weights (`packed_linear.py`: 1.5-1.9x the step on MKL's
+F.linear in float32), in float32 or bfloat16 (`dtype`), which replace the model's own modules, so prefill through
+its forward uses them too and no weight is held twice; without those kernels the fused weights are dense
+float32, column-major (`_gemv_layout`), and the model's weights become views into them. In bfloat16 only the
+products are: embeddings, norms, `dt`, RoPE, the softmax, the residual stream and the KV cache stay float32.
 
 Why not `torch.compile` on top: a Doge decode step is bound by reading the weights once the step is hand-written
 (Doge-20M's float32 LM head alone is 33.5 MB a token), so inductor has little left to win, and every server start
@@ -33,6 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import packed_linear
+from .fused import concat_bias, fuse_in_place
 from .quantize import Int8Linear
 
 
@@ -55,65 +57,61 @@ def _relayout(linear: nn.Module) -> None:
         linear.weight = nn.Parameter(_gemv_layout(linear.weight.detach()), requires_grad=False)
 
 
-class _Fused:
-    """Several linears run as one matmul; the originals become row views of the fused weight (no copy)."""
+class _DenseFused:
+    """Float32 linears run as one dense column-major matmul; the originals become row views of the fused weight
+    (no copy)."""
 
-    def __init__(self, linears: list[nn.Module]):
-        if all(isinstance(m, Int8Linear) for m in linears):
-            self.layer = Int8Linear.concat(linears)
-            rows = 0
-            for m in linears:
-                m.qweight = self.layer.qweight[rows : rows + m.out_features]
-                m.scales = self.layer.scales[rows : rows + m.out_features]
-                rows += m.out_features
-            return
-        if not all(isinstance(m, nn.Linear) for m in linears):
-            raise TypeError(f"cannot fuse {[type(m).__name__ for m in linears]}: mixed linear kinds")
+    def __init__(self, linears: list[nn.Linear]):
         weight = _gemv_layout(torch.cat([m.weight.detach() for m in linears]))  # [sum O, I]
-        bias = packed_linear.concat_bias(linears)
+        bias = concat_bias(linears)
         rows = 0
         for m in linears:
             m.weight = nn.Parameter(weight[rows : rows + m.out_features], requires_grad=False)
             if m.bias is not None:
                 m.bias = nn.Parameter(bias[rows : rows + m.out_features], requires_grad=False)
             rows += m.out_features
-        self.weight, self.bias, self.layer = weight, bias, None
+        self.weight, self.bias = weight, bias
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return self.layer(x) if self.layer is not None else F.linear(x, self.weight, self.bias)
+        return F.linear(x, self.weight, self.bias)
 
 
-def _fuse(parent: nn.Module, names: list[str], packed: bool):
-    """One matmul for `parent`'s linears `names`: oneDNN-packed when asked and all are float32 nn.Linear, else
-    `_Fused` (dense column-major, or int8)."""
-    if packed and all(packed_linear.is_packable(getattr(parent, n)) for n in names):
-        return packed_linear.fuse_in_place(parent, names)
-    return _Fused([getattr(parent, n) for n in names])
+def _fuse(parent: nn.Module, names: list[str], packed: bool, dtype: torch.dtype):
+    """One matmul for `parent`'s linears `names`: oneDNN-packed in `dtype` when asked and all are float32
+    nn.Linear, int8 when all are `Int8Linear` (both through `fused.fuse_in_place`), else `_DenseFused`."""
+    linears = [getattr(parent, n) for n in names]
+    if packed and all(packed_linear.is_packable(m) for m in linears):
+        return fuse_in_place(parent, names, packed_linear.PackedLinear.fused(linears, dtype))
+    if all(isinstance(m, Int8Linear) for m in linears):
+        return fuse_in_place(parent, names, Int8Linear.concat(linears))
+    if all(type(m) is nn.Linear for m in linears):
+        return _DenseFused(linears)
+    raise TypeError(f"cannot fuse {[type(m).__name__ for m in linears]}: mixed linear kinds")
 
 
-def _single(parent: nn.Module, name: str, packed: bool) -> None:
+def _single(parent: nn.Module, name: str, packed: bool, dtype: torch.dtype) -> None:
     linear = getattr(parent, name)
     if packed and packed_linear.is_packable(linear):
-        setattr(parent, name, packed_linear.PackedLinear.of(linear))
+        setattr(parent, name, packed_linear.PackedLinear.of(linear, dtype))
     else:
         _relayout(linear)
 
 
 class _Layer:
-    def __init__(self, layer: nn.Module, packed: bool):
+    def __init__(self, layer: nn.Module, packed: bool, dtype: torch.dtype):
         attn = layer.self_attn
         self.attn, self.layer = attn, layer
         n, k = attn.q_proj.out_features // attn.head_dim, attn.k_proj.out_features // attn.head_dim
-        self.qkv = _fuse(attn, ["q_proj", "k_proj", "v_proj"], packed)
+        self.qkv = _fuse(attn, ["q_proj", "k_proj", "v_proj"], packed, dtype)
         self.qk_norm_weight = None  # the first SmallDoge layout has no q/k norm
         if hasattr(attn, "q_norm"):
             self.qk_norm_weight = torch.cat([attn.q_norm.weight.detach().expand(n, -1),
                                              attn.k_norm.weight.detach().expand(k, -1)])  # [N + K, H]
             self.qk_norm_eps = attn.q_norm.variance_epsilon
         self.moe = bool(layer.config.is_moe)
-        self.gate_up = _fuse(layer.mlp, ["gate_proj", "up_proj"], packed)  # CDMoE's shared expert has them too
-        _single(attn, "o_proj", packed)
-        _single(layer.mlp, "down_proj", packed)
+        self.gate_up = _fuse(layer.mlp, ["gate_proj", "up_proj"], packed, dtype)  # CDMoE's shared expert too
+        _single(attn, "o_proj", packed, dtype)
+        _single(layer.mlp, "down_proj", packed, dtype)
         self.ff = layer.mlp.intermediate_size
 
     def mlp(self, h: torch.Tensor) -> torch.Tensor:
@@ -142,15 +140,21 @@ class _Layer:
 class DecodeStep:
     """`step(tokens, positions, cache, rows, keys)`: next-token logits [len(rows), V], one new token per slot."""
 
-    def __init__(self, model: nn.Module, packed: bool | None = None):
-        """packed: float32 linears on oneDNN's packed layout (serve/packed_linear.py; the model's modules are
-        replaced, prefill included); None: when this torch has the kernels; False: dense column-major weights."""
+    def __init__(self, model: nn.Module, packed: bool | None = None, dtype: torch.dtype = torch.float32):
+        """packed: linears on oneDNN's packed layout (serve/packed_linear.py; the model's modules are replaced,
+        prefill included); None: when this torch has the kernels; False: dense column-major float32 weights.
+        dtype: the packed weights' dtype, float32 or bfloat16 (which needs packed). The model is float32."""
         cfg = model.config
+        if model.dtype != torch.float32:
+            raise ValueError(f"model dtype={model.dtype}: the static decode path takes a float32 model (its linears "
+                             "are converted to `dtype` here)")
         if packed is None:
-            packed = packed_linear.available()
-        elif packed and not packed_linear.available():
-            raise ValueError("packed=True: this torch build has no oneDNN packed float32 linear")
-        self.packed = packed
+            packed = packed_linear.available(dtype)
+        if packed and not packed_linear.available(dtype):
+            raise ValueError(f"dtype={dtype}: this torch build has no oneDNN packed linear for it")
+        if not packed and dtype != torch.float32:
+            raise ValueError(f"dtype={dtype} needs oneDNN's packed linear (packed=True); dense weights are float32")
+        self.packed, self.weight_dtype = packed, dtype
         if getattr(cfg, "sliding_window", None) is not None:
             raise ValueError(f"sliding_window={cfg.sliding_window}: the static decode path does not implement it")
         first = model.model.layers[0].self_attn
@@ -167,15 +171,19 @@ class DecodeStep:
         self.head_dim = attn.head_dim
         self.groups = self.heads // self.kv_heads
         self.window = int(cfg.keep_window_size)
-        self.layers = [_Layer(layer, packed) for layer in model.model.layers[: cfg.num_hidden_layers]]
+        self.layers = [_Layer(layer, packed, dtype) for layer in model.model.layers[: cfg.num_hidden_layers]]
         head = model.lm_head
         if packed and packed_linear.is_packable(head):  # a tied embedding keeps the dense tensor for its lookups
-            model.lm_head = packed_linear.PackedLinear.of(head)
+            model.lm_head = packed_linear.PackedLinear.of(head, dtype)
         elif type(head) is nn.Linear:  # the tied embedding gets the same re-laid-out tensor (rows stay gatherable)
             weight = nn.Parameter(_gemv_layout(head.weight.detach()), requires_grad=False)
             if model.model.embed_tokens.weight is head.weight:
                 model.model.embed_tokens.weight = weight
             head.weight = weight
+
+    def fused_layers(self, kind: type) -> list:
+        """The fused q/k/v and gate/up layers of class `kind` (they are not submodules of the model)."""
+        return [f for lay in self.layers for f in (lay.qkv, lay.gate_up) if isinstance(f, kind)]
 
     @property
     def num_layers(self) -> int:
@@ -201,7 +209,6 @@ class DecodeStep:
         # rotate_half(q) * sin == roll(q, H/2) * sin_signed, with the first half of sin negated.
         sin = torch.cat([-sin[..., : H // 2], sin[..., H // 2 :]], dim=-1)
         slot = torch.arange(B)
-        valid = torch.arange(S)[None, :] <= positions[:, None]  # [B, S]
         top_k = S > self.window  # the longest row holds S keys
         for i, lay in enumerate(self.layers):
             attn, layer = lay.attn, lay.layer
@@ -217,7 +224,7 @@ class DecodeStep:
             k_cache[slot, :, positions] = qk[:, N:]
             v_cache[slot, :, positions] = v
             dt_cache[slot, :, positions] = torch.exp(attn.A * F.softplus(attn.dt_proj(v.reshape(B, K * H))))
-            bias = torch.where(valid[:, None, :], dt_cache[:B, :, :S], minimum)  # [B, K or N, S]
+            bias = dt_cache[:B, :, :S]  # [B, K or N, S]: the minimum past each row's keys (static_cache.py)
             if top_k:
                 kept = torch.topk(bias, self.window, dim=-1, largest=True, sorted=False).indices
                 bias = bias.masked_fill(~torch.zeros_like(bias, dtype=torch.bool).scatter_(-1, kept, True), minimum)

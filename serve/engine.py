@@ -20,7 +20,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
-import os
 import threading
 import time
 import uuid
@@ -28,13 +27,16 @@ from dataclasses import dataclass, field
 
 import torch
 
+from . import cpu, kernel_choice, packed_linear
 from .decode_step import DecodeStep
 from .detokenize import IncrementalDetokenizer
 from .kv_batch import KVBatch
-from .quantize import quantize_linears
+from .quantize import Int8Linear, quantize_linears
+from .quantize import available as int8_kernels
 from .sampling import RowState, RequestSampling, make_generator, sample
 from .static_cache import SlotBatch
 from .stops import StopStringFilter
+from .threads import ThreadChooser
 
 log = logging.getLogger("serve.engine")
 
@@ -121,36 +123,69 @@ class _Row:
 
 DECODE_PATHS = ("static", "dynamic")
 QUANTIZE = (None, "int8")
+DTYPES = ("auto", "float32", "bfloat16")
+# Linears the dynamic path keeps in float32 under bfloat16, as the static step does: dt_proj picks DMA's top-k
+# keys and CDMoE's router_gate picks experts, discrete choices a rounding flips.
+KEEP_FLOAT32 = ("dt_proj", "router_gate")
+
+
+def resolve_dtype(dtype: str) -> torch.dtype:
+    """`--dtype` as a torch dtype ("auto": `cpu.default_dtype()`); bfloat16 needs oneDNN's packed bf16 linear."""
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype={dtype!r} must be one of {DTYPES}")
+    name = cpu.default_dtype() if dtype == "auto" else dtype
+    if name == "bfloat16" and not packed_linear.available(torch.bfloat16):
+        raise ValueError("dtype='bfloat16': this torch build has no oneDNN packed bfloat16 linear; use float32")
+    return getattr(torch, name)
 
 
 class Engine:
     def __init__(self, model, tokenizer, max_batch: int = 16, max_queue: int = 64, threads: int | None = None,
-                 decode_path: str = "static", quantize: str | None = None):
+                 decode_path: str = "static", quantize: str | None = None, dtype: str = "auto"):
+        """model: float32 (its linears become `dtype` or int8 here); dtype: "auto" (bfloat16 where the CPU has
+        bf16 dot products, else float32), "float32" or "bfloat16"; ignored for layers `quantize` makes int8."""
         if decode_path not in DECODE_PATHS:
             raise ValueError(f"decode_path={decode_path!r} must be one of {DECODE_PATHS}")
         if quantize not in QUANTIZE:
             raise ValueError(f"quantize={quantize!r} must be one of {QUANTIZE}")
+        if model.dtype != torch.float32:
+            raise ValueError(f"model dtype={model.dtype}: load the model in float32; `dtype` converts its linears")
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.max_batch = max_batch
         self.max_queue = max_queue
         self.max_model_len = int(getattr(model.config, "max_position_embeddings", 2048))
         self.eos_ids = _eos_ids(model, tokenizer)
-        self.threads = threads or default_threads()
+        # Every core by default, each step on every core or on one, whichever runs faster now (threads.py).
+        self.threads = threads or cpu.cores()
         torch.set_num_threads(self.threads)
+        self.thread_chooser = ThreadChooser([1, self.threads]) if threads is None and self.threads > 1 else None
+        self.dtype = resolve_dtype(dtype)
         self.quantize = quantize
+        self.int8_tables = {}
         if quantize == "int8":
             done, skipped = quantize_linears(self.model)
-            log.info("int8 weight-only: %d linear layers quantised%s", done,
+            log.info("int8: %d linear layers quantised (kernels that run here: %s)%s", done,
+                     ", ".join(int8_kernels()),
                      f", {len(skipped)} kept in float32 ({', '.join(skipped[:3])}...)" if skipped else "")
         self._step = None
         if decode_path == "static":
             try:
-                self._step = DecodeStep(self.model)
-                log.info("static decode path: float32 linears %s", "on oneDNN packed weights" if self._step.packed
-                         else "dense, column-major (this torch has no oneDNN packed linear)")
+                self._step = DecodeStep(self.model, dtype=self.dtype)
+                log.info("static decode path: linears %s", f"on oneDNN packed {_name(self.dtype)} weights"
+                         if self._step.packed else "dense float32, column-major (no oneDNN packed linear here)")
             except ValueError as exc:
                 log.warning("static decode path unavailable (%s); decoding through the model's forward", exc)
+        if self._step is None and self.dtype != torch.float32:
+            packed_linear.pack_in_place(self.model, self.dtype, KEEP_FLOAT32)
+        if quantize == "int8":
+            layers = [m for m in self.model.modules() if isinstance(m, Int8Linear)]
+            if self._step is not None:
+                layers += self._step.fused_layers(Int8Linear)
+            t0 = time.perf_counter()
+            self.int8_tables = kernel_choice.choose(layers, max_batch)
+            log.info("int8 kernels by rows, measured in %.2f s: %s", time.perf_counter() - t0,
+                     kernel_choice.describe(self.int8_tables))
         self.decode_path = "static" if self._step is not None else "dynamic"
         self.warmup_seconds = 0.0
         self._batch = self._new_batch()
@@ -219,13 +254,16 @@ class Engine:
         log.info("warming up the %s decode path (max_batch=%d%s)...", self.decode_path, self.max_batch,
                  ", int8" if self.quantize else "")
         token = self.eos_ids[0] if self.eos_ids else 0
-        for rows in sorted({1, self.max_batch}):
-            prefill, logits = KVBatch(self.model).prefill([[token] * 2])
-            prefill.repeat_rows([rows])
-            batch = self._new_batch()
-            batch.merge(prefill)
-            for _ in range(2):
-                batch.decode([int(logits[0].argmax())] * rows)
+        for threads in self.thread_chooser.counts if self.thread_chooser else [self.threads]:
+            torch.set_num_threads(threads)  # oneDNN builds its kernels per thread count too
+            for rows in sorted({1, self.max_batch}):
+                prefill, logits = KVBatch(self.model).prefill([[token] * 2])
+                prefill.repeat_rows([rows])
+                batch = self._new_batch()
+                batch.merge(prefill)
+                for _ in range(2):
+                    batch.decode([int(logits[0].argmax())] * rows)
+        torch.set_num_threads(self.threads)
         self.warmup_seconds = time.perf_counter() - t0
         cache = f", KV cache {self._batch.cache.nbytes / 2**20:.1f} MiB to start" if self._step is not None else ""
         log.info("warm-up done in %.2f s (%s decode path%s)", self.warmup_seconds, self.decode_path, cache)
@@ -302,7 +340,14 @@ class Engine:
             self._rows = [self._rows[i] for i in keep]
 
     def _decode_step(self) -> None:
+        rows = len(self._rows)
+        if self.thread_chooser is not None:
+            threads = self.thread_chooser.choose(rows)
+            self.thread_chooser.apply(threads)
+        t0 = time.perf_counter()
         logits = self._batch.decode([row.next_token for row in self._rows])
+        if self.thread_chooser is not None:
+            self.thread_chooser.record(rows, threads, time.perf_counter() - t0)
         self.decode_steps_total += 1
         self.decode_rows_total += len(self._rows)
         self.peak_rows = max(self.peak_rows, len(self._rows))
@@ -384,14 +429,5 @@ def _eos_ids(model, tokenizer) -> list[int]:
     return sorted(int(i) for i in ids)
 
 
-def default_threads() -> int:
-    """Torch intra-op threads: every usable core but one, which the event loop (HTTP, SSE) keeps for itself.
-
-    Measured on 2 shared cores: with 2 torch threads, OpenMP workers that lose their core to the event loop or a
-    neighbour stall every op, and decoding drops several-fold; 1 thread decodes as fast as `generate` alone.
-    """
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:
-        cores = os.cpu_count() or 1
-    return max(1, cores - 1)
+def _name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")

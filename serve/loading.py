@@ -47,9 +47,9 @@ def check_remote_code(model: str, revision: str | None = None, trust_remote_code
                                 f"pass --trust-remote-code to run it")
 
 
-def load(model: str, revision: str | None = None, dtype: str = "float32", chat_template: str | None = None,
-         trust_remote_code: bool = False):
-    """Return (model, tokenizer), both ready for CPU inference."""
+def load(model: str, revision: str | None = None, chat_template: str | None = None, trust_remote_code: bool = False):
+    """Return (model, tokenizer), both ready for CPU inference. The model is float32 whatever its checkpoint
+    holds: the engine turns its linears into `--dtype` (or int8) and keeps norms, `dt` and softmax in float32."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -62,7 +62,7 @@ def load(model: str, revision: str | None = None, dtype: str = "float32", chat_t
              " (trusting its remote code)" if trust_remote_code else "")
     try:
         tokenizer = AutoTokenizer.from_pretrained(model, **kwargs)
-        lm = AutoModelForCausalLM.from_pretrained(model, dtype=getattr(torch, dtype), **kwargs).eval()
+        lm = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32, **kwargs).eval()
     except ImportError as exc:
         if not trust_remote_code:
             raise

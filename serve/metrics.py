@@ -30,6 +30,13 @@ class _EngineCollector:
                                   value=engine.decode_steps_total)
         yield CounterMetricFamily("doge_serve_decode_rows", "Rows decoded, summed over steps (/ steps = mean batch)",
                                   value=engine.decode_rows_total)
+        if engine.thread_chooser is not None:
+            steps = CounterMetricFamily("doge_serve_decode_steps_by_threads",
+                                        "Decode steps by the torch thread count they ran on (chosen by timing)",
+                                        labels=["threads"])
+            for threads, count in sorted(engine.thread_chooser.used.items()):
+                steps.add_metric([str(threads)], count)
+            yield steps
 
 
 class Metrics:

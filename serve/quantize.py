@@ -1,68 +1,172 @@
-"""Int8 weight-only quantisation of a transformers model's linear layers (`--quantize int8`).
+"""Int8 weights for a transformers model's linear layers and LM head (`--quantize int8`), on two CPU kernels.
 
-Each output channel gets one symmetric scale (max |w| / 127, rounded to a bfloat16 value so that the kernel's
-bfloat16 scales are exact); weights are stored as int8 and multiplied by `torch._weight_int8pack_mm`, torch's
-CPU kernel for int8 weights, which reads a quarter of the float32 bytes. That kernel is fast only with bfloat16
-activations (measured on a 2-core AMD EPYC: Doge-20M's 32k x 256 LM head, batch 1, 0.28 ms against 2.4 ms in
-float32, and 5.6 ms with float32 activations), so activations are rounded to bfloat16 on the way in and the
-output cast back. The embedding table stays float32 (a lookup reads one row); a tied LM head gets its own int8
-copy. The kernel needs `in_features` to be a multiple of 16 (smaller or odd widths gave wrong results or crashed
-on torch 2.13): other layers stay float32, and `quantize_linears` reports how many. `dt_proj` stays float32 too:
-its output decides which keys survive DMA's top-k, a discrete choice that a small error flips (measured on a
-trained tiny Doge with a 16-key window over 64 tokens: quantising `dt_proj` alone moved a logit by 0.53), and it
-is 0.03 % of Doge-20M's weights.
+Each output channel gets one symmetric scale (max |w| / 127, rounded up to a bfloat16 value, so that the w8a16
+kernel's bfloat16 scales are exact and |q| <= 127); the weights are int8, a quarter of float32's bytes. Doge-20M's
+13 MB of int8 fit this EPYC's 32 MB L3. Two kernels multiply them, and which one runs depends on how many rows
+the call has (`Int8Linear.table`, set per layer shape by measuring both at start-up: `kernel_choice.py`):
 
-Measured error: `INT8_LOGIT_*` in tests/test_serve_compiled.py (a briefly trained tiny Doge) and serve/README.md.
+- "w8a16": `torch._weight_int8pack_mm`, torch's CPU kernel for int8 weights against bfloat16 activations (the
+  input is rounded to bfloat16, the output cast back). A row-at-a-time kernel: the fastest at one or two rows,
+  slow past a few (the 2-core EPYC at load ~7, all 33 of Doge-20M's linears at 1 / 8 / 16 rows: 2.6 / 7.3 /
+  19.7 ms, against 3.2 / 4.9 / 7.2 ms on fbgemm below).
+- "w8a8": every row of activations quantised to 8 bits on the fly with a scale of its own, and an int8 x int8 ->
+  int32 product on fbgemm (`torch.ops.quantized.linear_dynamic`; `vpdpbusd` with AVX-512 VNNI), output float32.
+  fbgemm quantises its input with one scale for the whole tensor; to make that one scale per row, each row is
+  divided by its max |x| (so it lies in [-1, 1]) and two padding columns holding +1 and -1 (against zero weight
+  columns) pin the tensor's range to exactly [-1, 1]: every call then quantises with the same scale (2/255) and
+  zero point, the integer product is exact, and a row's output never depends on the other rows of the batch
+  (a seeded request samples the same tokens whatever else is decoding). Offered only where the CPU has VNNI:
+  without it fbgemm's u8 x s8 pairs saturate 16-bit sums unless the input range is halved.
+
+The embedding table stays float32 (a lookup reads one row); a tied LM head gets its own int8 copy.
+`_weight_int8pack_mm` needs `in_features` to be a multiple of 16 (smaller or odd widths gave wrong results or
+crashed on torch 2.13): other layers stay float32, and `quantize_linears` reports how many. `dt_proj` stays
+float32 too: its output decides which keys survive DMA's top-k, a discrete choice that a small error flips
+(measured on a trained tiny Doge with a 16-key window over 64 tokens: quantising `dt_proj` alone moved a logit by
+0.53), and it is 0.03 % of Doge-20M's weights.
+
+Measured error against float32: tests/test_serve_quality.py (a tiny Doge trained on stdlib prose, scored on the
+pydoc eval text) and serve/README.md.
 """
 
 from __future__ import annotations
 
+import bisect
+import functools
+import warnings
+
 import torch
 from torch import nn
 
-from .packed_linear import concat_bias
+from .fused import concat_bias
 
 KERNEL_WIDTH = 16  # in_features must be a multiple of this for _weight_int8pack_mm
+KERNELS = ("w8a16", "w8a8")
+_PAD = 4  # the +1, -1 range columns of the w8a8 input, padded to a multiple of 4 (VNNI's k-step)
+
+
+def _quiet_prepack(qweight: torch.Tensor, scales: torch.Tensor):
+    """fbgemm's packed weight. torch 2.13 warns that quantized tensor constructors are deprecated; this is the
+    only way into fbgemm's kernels, and `available()` turns the kernel off if a torch drops them."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        zero = torch.zeros(qweight.shape[0], dtype=torch.long)
+        q = torch._make_per_channel_quantized_tensor(qweight, scales.double(), zero, 0)
+        return torch.ops.quantized.linear_prepack(q, None)
+
+
+def _probe(kernel: str) -> bool:
+    """`kernel` runs here and computes x @ W^T of its dequantised weights on a small case (own generator: the
+    global RNG of a seeded run does not move)."""
+    try:
+        g = torch.Generator().manual_seed(0)
+        linear = nn.Linear(32, 24, bias=False)
+        linear.weight = nn.Parameter(torch.randn(24, 32, generator=g), requires_grad=False)
+        layer = Int8Linear.from_linear(linear, table=[(1, kernel)])
+        x = torch.randn(3, 32, generator=g)
+        return bool(torch.allclose(layer.run(x, kernel), x @ layer.dequantized().t(), atol=0.15))
+    except (AttributeError, RuntimeError, NotImplementedError):
+        return False
+
+
+@functools.lru_cache(maxsize=None)
+def available() -> tuple[str, ...]:
+    """The int8 kernels that run here: w8a16 where torch has `_weight_int8pack_mm`; w8a8 where fbgemm's dynamic
+    linear is in this torch, its engine is active, and the CPU has VNNI."""
+    from . import cpu
+
+    found = []
+    if _probe("w8a16"):
+        found.append("w8a16")
+    if cpu.vnni() and torch.backends.quantized.engine in ("x86", "fbgemm") and _probe("w8a8"):
+        found.append("w8a8")
+    return tuple(found)
 
 
 class Int8Linear(nn.Module):
-    """y = x W^T + b with W stored as int8 [O, I] and one bfloat16-exact float scale per output row."""
+    """y = x W^T + b with W stored as int8 [O, I] and one bfloat16-exact float scale per output row.
 
-    def __init__(self, qweight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None):
+    `table`: (most rows, kernel) pairs, ascending; a call with M rows runs the kernel of the first entry with
+    most rows >= M (the last entry's beyond). Set by `kernel_choice.choose`; until then `default_table()`."""
+
+    def __init__(self, qweight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None,
+                 table: list[tuple[int, str]] | None = None):
         super().__init__()
         self.in_features, self.out_features = qweight.shape[1], qweight.shape[0]
         self.register_buffer("qweight", qweight)  # [O, I] int8
-        self.register_buffer("scales", scales)  # [O] bfloat16
+        self.register_buffer("scales", scales.float())  # [O] float32 holding bfloat16 values
+        self.scales_bf16 = scales.to(torch.bfloat16)  # the w8a16 kernel's
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+        self._fbgemm = None  # packed for w8a8 on first use
+        self.set_table(table if table is not None else default_table())
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear) -> "Int8Linear":
+    def from_linear(cls, linear: nn.Linear, table: list[tuple[int, str]] | None = None) -> "Int8Linear":
         w = linear.weight.detach().float()  # [O, I]
-        # Round the scale up to a bfloat16 value: the kernel takes bf16 scales, and rounding up keeps |q| <= 127.
+        # Round the scale up to a bfloat16 value: the w8a16 kernel takes bf16 scales, rounding up keeps |q| <= 127.
         scales = (w.abs().amax(dim=1) / 127.0).clamp(min=1e-12)
         scales_bf16 = scales.to(torch.bfloat16)
         scales_bf16 = torch.where(scales_bf16.float() < scales, _bf16_next_up(scales_bf16), scales_bf16)
         q = torch.round(w / scales_bf16.float()[:, None]).clamp(-127, 127).to(torch.int8)
         bias = None if linear.bias is None else linear.bias.detach().clone()
-        return cls(q.contiguous(), scales_bf16.contiguous(), bias)
+        return cls(q.contiguous(), scales_bf16, bias, table)
 
     @classmethod
     def concat(cls, parts: list["Int8Linear"]) -> "Int8Linear":
         """One layer computing every part's outputs side by side (scales are per row, so this is exact)."""
-        return cls(torch.cat([p.qweight for p in parts]), torch.cat([p.scales for p in parts]), concat_bias(parts))
+        return cls(torch.cat([p.qweight for p in parts]), torch.cat([p.scales for p in parts]), concat_bias(parts),
+                   parts[0].table)
 
     def dequantized(self) -> torch.Tensor:
-        return self.qweight.float() * self.scales.float()[:, None]  # [O, I]
+        return self.qweight.float() * self.scales[:, None]  # [O, I]
+
+    def set_table(self, table: list[tuple[int, str]]) -> None:
+        for _, kernel in table:
+            if kernel not in KERNELS:
+                raise ValueError(f"kernel={kernel!r} must be one of {KERNELS}")
+        self.table = sorted(table)
+        self._rows = [rows for rows, _ in self.table]
+
+    def kernel_for(self, rows: int) -> str:
+        return self.table[min(bisect.bisect_left(self._rows, rows), len(self.table) - 1)][1]
+
+    def run(self, x: torch.Tensor, kernel: str) -> torch.Tensor:
+        """x [M, I] float32 -> [M, O] float32 on `kernel`, without the bias."""
+        if kernel == "w8a16":
+            return torch.ops.aten._weight_int8pack_mm(x.to(torch.bfloat16), self.qweight, self.scales_bf16).float()
+        if self._fbgemm is None:
+            padded = torch.cat([self.qweight, torch.zeros(self.out_features, _PAD, dtype=torch.int8)], dim=1)
+            self._fbgemm = _quiet_prepack(padded, self.scales)
+            self._ends = torch.tensor([1.0, -1.0] + [0.0] * (_PAD - 2))
+        peak = torch.linalg.vector_norm(x, float("inf"), dim=-1, keepdim=True).clamp_(min=1e-30)  # [M, 1]
+        x = torch.cat([x / peak, self._ends.expand(x.shape[0], _PAD)], dim=1)  # [M, I + 4], range exactly [-1, 1]
+        return torch.ops.quantized.linear_dynamic(x, self._fbgemm, False).mul_(peak)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
-        y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, shape[-1]).to(torch.bfloat16), self.qweight,
-                                               self.scales)  # [M, O] bfloat16
-        y = y.to(x.dtype).reshape(*shape[:-1], self.out_features)
+        x2 = x.reshape(-1, self.in_features).float()
+        y = self.run(x2, self.kernel_for(x2.shape[0])).to(x.dtype).view(*shape[:-1], self.out_features)
         return y if self.bias is None else y + self.bias
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, int8"
+        table = ", ".join(f"{'<=' + str(rows) if rows < ANY_ROWS else 'more'} rows: {kernel}"
+                          for rows, kernel in self.table)
+        return f"in_features={self.in_features}, out_features={self.out_features}, int8 ({table})"
+
+
+ANY_ROWS = 1 << 30
+
+
+def default_table() -> list[tuple[int, str]]:
+    """Before any measurement: w8a16 up to 4 rows and w8a8 beyond where both run (what the 2-core EPYC measured
+    for Doge-20M's layers), else the one that runs."""
+    kernels = available()
+    if not kernels:
+        raise RuntimeError("no int8 kernel runs here (neither torch._weight_int8pack_mm nor fbgemm's dynamic linear "
+                           "on a VNNI CPU); serve without --quantize int8")
+    if len(kernels) == 2:
+        return [(4, "w8a16"), (ANY_ROWS, "w8a8")]
+    return [(ANY_ROWS, kernels[0])]
 
 
 def _bf16_next_up(x: torch.Tensor) -> torch.Tensor:

@@ -92,6 +92,22 @@ def _filter(logits: torch.Tensor, rows: list[RowState]) -> torch.Tensor:
     return torch.softmax(logits.scatter(-1, order, sorted_logits), dim=-1)
 
 
+_CHUNK = 128  # argmax_rows: columns reduced per vectorised max
+
+
+def argmax_rows(logits: torch.Tensor) -> torch.Tensor:
+    """`logits.argmax(-1)` for [B, V] (the first index of each row's maximum, NaN counting as the maximum), faster:
+    torch's CPU argmax walks a row element by element, `amax` is vectorised. So: each 128-column chunk's max, the
+    first chunk holding the row's max, and the argmax within that chunk alone. Thread CPU time on the 2-core EPYC,
+    32k vocab, 1 / 8 / 16 rows: torch 34 / 231 / 462 us, this 20 / 46 / 67 us."""
+    B, V = logits.shape
+    if V % _CHUNK:
+        return logits.argmax(dim=-1)
+    chunks = logits.view(B, V // _CHUNK, _CHUNK)
+    best = chunks.amax(dim=-1).argmax(dim=-1)  # [B] the first chunk holding the row's maximum
+    return best * _CHUNK + chunks[torch.arange(B), best].argmax(dim=-1)
+
+
 @dataclass
 class Sampled:
     token_ids: list[int]
@@ -107,7 +123,7 @@ def sample(logits: torch.Tensor, rows: list[RowState], eos_ids: list[int]) -> Sa
     logits = logits.clone()
     _apply_penalties(logits, rows, eos_ids)
     greedy = [r.params.temperature == 0.0 for r in rows]
-    chosen = logits.argmax(dim=-1).tolist()
+    chosen = argmax_rows(logits).tolist()
     if not all(greedy):
         probs = _filter(logits, rows)
         for i, row in enumerate(rows):

@@ -2,7 +2,9 @@
 
 Slot s holds one sequence with no padding: cache column j is position j, so a row's next position is its length.
 Keys, values and each key's DMA bias `dt` are preallocated per layer as [slots, K, capacity, H] (`dt`: [slots, K,
-capacity]; [slots, N, capacity] in the first SmallDoge layout, whose bias is per attention head); the capacity
+capacity]; [slots, N, capacity] in the first SmallDoge layout, whose bias is per attention head). A `dt` column
+that holds no key of its slot's sequence holds the dtype minimum (transformers' masked bias), so the cached
+biases are the DMA mask as they stand and the step reads them without masking. The capacity
 grows in `CHUNK`-column steps up to the context length, so memory follows the longest live sequence, not the
 worst case. A decode step runs the slots 0..h-1 (h = highest slot in use + 1; a joining
 request takes the lowest free slot, so that prefix stays short) over the key columns 0..S-1 (S = longest row + 1)
@@ -46,8 +48,8 @@ class SlotCache:
         capacity = min(self.max_len, -(-columns // CHUNK) * CHUNK)
         K, H, dtype = self.step.kv_heads, self.step.head_dim, self.step.dtype
 
-        def grown(old: torch.Tensor | None, shape: tuple[int, ...]) -> torch.Tensor:
-            new = torch.zeros(shape, dtype=dtype)
+        def grown(old: torch.Tensor | None, shape: tuple[int, ...], fill: float = 0.0) -> torch.Tensor:
+            new = torch.full(shape, fill, dtype=dtype)
             if old is not None:
                 new[:, :, : self.capacity] = old
             return new
@@ -56,7 +58,8 @@ class SlotCache:
         old = (self.keys, self.values, self.dts) if self.capacity else ([None] * L,) * 3
         self.keys = [grown(t, (self.slots, K, capacity, H)) for t in old[0]]
         self.values = [grown(t, (self.slots, K, capacity, H)) for t in old[1]]
-        self.dts = [grown(t, (self.slots, self.step.dt_heads, capacity)) for t in old[2]]
+        minimum = torch.finfo(dtype).min
+        self.dts = [grown(t, (self.slots, self.step.dt_heads, capacity), minimum) for t in old[2]]
         self.capacity = capacity
 
     @property
@@ -98,6 +101,7 @@ class SlotBatch:
                 self.cache.keys[i][slot, :, :length] = k
                 self.cache.values[i][slot, :, :length] = v
                 self.cache.dts[i][slot, :, :length] = self.step.dt(i, v)
+                self.cache.dts[i][slot, :, length:] = torch.finfo(self.step.dtype).min  # a former row's keys
             self.lengths[slot] = length
             self.slot_of_row.append(slot)
 

@@ -122,3 +122,63 @@ def make_tiny_model_dir(
         shutil.rmtree(path)
     tmp.rename(path)
     return path
+
+
+def pydoc_eval_text() -> list[str]:
+    """The pydoc eval text: docstrings of CPython's own test suite (`Lib/test/test_*.py`), 20-100 words each,
+    first 200 — the documents of doge_jax's `pydoc_ppl` task (doge_jax/eval/tasks/doge_offline/utils.py, which
+    needs `datasets`; repeated here so the serve tests stay jax-free). The training text above never sees them."""
+    import ast
+    import glob
+    import sysconfig
+
+    root = sysconfig.get_paths()["stdlib"]
+    seen, out = set(), []
+    for path in sorted(glob.glob(os.path.join(root, "test", "test_*.py"))):
+        try:
+            with open(path, encoding="utf-8") as f:
+                tree = ast.parse(f.read())
+        except (SyntaxError, UnicodeDecodeError, ValueError):
+            continue
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+                doc = ast.get_docstring(node)
+                text = " ".join(doc.split()) if doc else ""
+                if 20 <= len(text.split()) <= 100 and text not in seen:
+                    seen.add(text)
+                    out.append(text)
+    if not out:
+        raise FileNotFoundError(f"no test-suite docstrings under {root}/test: this Python ships without Lib/test")
+    return out[:200]
+
+
+def train_tiny_doge(steps: int = 150, seed: int = 2):
+    """(model, tokenizer): a 2-layer Doge (hidden 64, 4 heads / 2 kv heads, tied 512-token vocab) trained for
+    `steps` AdamW steps of 16 x 64 tokens on the stdlib prose above, so its logits are peaked the way a real
+    model's are (random weights give near-flat ones). About 10 s on 2 cores; deterministic for a seed."""
+    import torch
+    from transformers import DogeConfig, DogeForCausalLM
+
+    tokenizer = make_tokenizer(vocab_size=512)
+    ids = tokenizer("\n\n".join(_training_text()))["input_ids"]
+    data = torch.tensor(ids[: 64 * (len(ids) // 64)]).view(-1, 64)  # [sequences, 64]
+    torch.manual_seed(seed)
+    config = DogeConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                        keep_window_size=2048, tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id,
+                        eos_token_id=[tokenizer.convert_tokens_to_ids("<|im_end|>"), tokenizer.eos_token_id],
+                        pad_token_id=tokenizer.pad_token_id)
+    model = DogeForCausalLM(config)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.A.normal_(0.0, 0.5)  # A = 0 makes every dt equal: a top-k of ties
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        batch = data[torch.randint(0, len(data), (16,), generator=g)]
+        loss = model(input_ids=batch, labels=batch).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return model.eval(), tokenizer

@@ -142,3 +142,41 @@ def test_engine_batches_cancels_and_bounds_the_queue(model_and_tokenizer):
         asyncio.run(run())
     finally:
         engine.stop()
+
+
+def test_thread_chooser_runs_the_faster_count_and_keeps_trying_the_other():
+    """Fed step times where 2 threads are faster at 1 row and 1 thread at 8 rows (a loaded box), it settles on
+    each per batch-size class, tries the other count once every EXPLORE_EVERY steps, and follows a change."""
+    from serve.threads import EXPLORE_EVERY, ThreadChooser
+
+    g = torch.Generator().manual_seed(7)
+    chooser = ThreadChooser([1, 2])
+    cost = {(1, 1): 4.0, (1, 2): 2.5, (8, 1): 6.0, (8, 2): 9.0}  # ms per step, made noisy below
+    picks = {1: [], 8: []}
+    for _ in range(10 * EXPLORE_EVERY):
+        for rows in (1, 8):
+            threads = chooser.choose(rows)
+            picks[rows].append(threads)
+            chooser.record(rows, threads, cost[rows, threads] * float(1 + 0.1 * torch.rand(1, generator=g)))
+    settled = {rows: p[2 * EXPLORE_EVERY:] for rows, p in picks.items()}
+    assert settled[1].count(1) == 8 and settled[8].count(2) == 8  # the slower count once every EXPLORE_EVERY steps
+    assert chooser.used[1] + chooser.used[2] == 20 * EXPLORE_EVERY
+    cost[1, 2] = 20.0  # the box got busy: two threads became slow at 1 row too
+    for _ in range(3 * EXPLORE_EVERY):
+        threads = chooser.choose(1)
+        chooser.record(1, threads, cost[1, threads])
+    assert chooser.choose(1) == 1
+
+
+def test_argmax_rows_is_torch_argmax_with_ties_infinities_and_nan():
+    from serve.sampling import argmax_rows
+
+    g = torch.Generator().manual_seed(11)
+    for vocab in (32768, 512, 1000):  # 1000: not a multiple of the chunk, torch's own argmax
+        logits = torch.randn(9, vocab, generator=g)
+        logits[1] = torch.randint(0, 3, (vocab,), generator=g).float()  # many exact ties of the maximum
+        logits[2] = float("-inf")
+        logits[3, vocab // 2] = float("inf")
+        logits[4, vocab - 1] = float("nan")
+        logits[5, 7] = logits[5, vocab - 3] = 100.0  # the same maximum in two chunks: the first wins
+        assert argmax_rows(logits).tolist() == logits.argmax(dim=-1).tolist(), vocab

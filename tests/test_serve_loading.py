@@ -67,10 +67,24 @@ def test_missing_model_fails_with_a_clear_message(tmp_path):
     assert "cannot load model 'nobody/no-such-model'" in out.stderr
 
 
-@pytest.mark.parametrize("argv, message", [(["--max-batch", "0"], "max_batch=0"), (["--dtype", "int8"], "int8")])
+@pytest.mark.parametrize("argv, message", [(["--max-batch", "0"], "max_batch=0"), (["--dtype", "int8"], "int8"),
+                                           (["--dtype", "float16"], "float16")])
 def test_bad_flags(argv, message, capsys):
     from serve.__main__ import parse_args
 
     with pytest.raises((SystemExit, ValueError)) as exc:
         parse_args(["--model", "x", *argv])
     assert message in str(exc.value) + capsys.readouterr().err
+
+
+def test_openmp_waits_passively_before_torch_loads():
+    """libgomp reads OMP_WAIT_POLICY once, when torch loads it: `python -m serve` must set it first (spinning
+    workers on every core made a step 10-30x slower on a shared box), and keep a value the operator chose."""
+    code = ("import os, sys; import serve.__main__; "
+            "print(os.environ['OMP_WAIT_POLICY'], 'torch' in sys.modules)")
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert out.stdout.split() == ["PASSIVE", "False"], out.stderr
+    out = subprocess.run([sys.executable, "-c", code], env={**env, "OMP_WAIT_POLICY": "ACTIVE"}, cwd=REPO,
+                         capture_output=True, text=True, timeout=60)
+    assert out.stdout.split() == ["ACTIVE", "False"], out.stderr

@@ -1,0 +1,56 @@
+"""How many torch threads each decode step gets: every core, or one, whichever the last steps ran faster on.
+
+Two threads split each product across the cores, but every parallel region (about 40 a Doge-20M step) must wake
+the second OpenMP worker, and when the event loop or a neighbour holds that core the whole step waits for it. On
+the shared 2-core EPYC one thread won whenever anything else ran: a bf16 Doge-20M step took 6.0 ms on one
+thread and 7.0 ms on two at load ~2 (passive OpenMP; `benchmarks/bench_serve.py --threads-check`), and at load
+~10 eight streaming clients got 683-914 tok/s on one against 472-767 on two. A box with idle cores is where
+the second thread pays. No fixed count is right on a box whose load moves, so the engine times its own steps:
+per batch-size class (1, 2-3, 4-7, 8-15, ... rows) it keeps a moving average of the step time under each count,
+runs the faster, and every `EXPLORE_EVERY`-th step of that class tries the other, so a change in load is noticed
+within a few hundred milliseconds while the slower count costs at most 1 step in `EXPLORE_EVERY`. An explicit
+`--threads` turns this off.
+"""
+
+from __future__ import annotations
+
+import torch
+
+EXPLORE_EVERY = 32  # steps of one batch-size class between two tries of the count not in use
+SMOOTHING = 0.25  # weight of the newest step in the moving average
+
+
+class ThreadChooser:
+    def __init__(self, counts: list[int]):
+        self.counts = sorted(set(counts))
+        self.estimate: dict[tuple[int, int], float] = {}  # (class, threads) -> seconds per step
+        self.steps: dict[int, int] = {}  # class -> steps seen
+        self.used: dict[int, int] = {c: 0 for c in self.counts}  # threads -> steps run with them
+        self.current = torch.get_num_threads()
+
+    @staticmethod
+    def size_class(rows: int) -> int:
+        return rows.bit_length()
+
+    def choose(self, rows: int) -> int:
+        """The thread count for a step of `rows` rows: an untried count first, then every `EXPLORE_EVERY`-th
+        step the slower one, otherwise the faster."""
+        k = self.size_class(rows)
+        n = self.steps.get(k, 0)
+        untried = [c for c in self.counts if (k, c) not in self.estimate]
+        if untried:
+            return untried[0]
+        ranked = sorted(self.counts, key=lambda c: self.estimate[k, c])
+        return ranked[1 if n % EXPLORE_EVERY == EXPLORE_EVERY - 1 and len(ranked) > 1 else 0]
+
+    def record(self, rows: int, threads: int, seconds: float) -> None:
+        k = self.size_class(rows)
+        self.steps[k] = self.steps.get(k, 0) + 1
+        self.used[threads] = self.used.get(threads, 0) + 1
+        old = self.estimate.get((k, threads))
+        self.estimate[k, threads] = seconds if old is None else old + SMOOTHING * (seconds - old)
+
+    def apply(self, threads: int) -> None:
+        if threads != self.current:
+            torch.set_num_threads(threads)
+            self.current = threads
