@@ -170,7 +170,7 @@ def main(argv=None) -> int:
     p.add_argument("--meshes", default="fsdp=4,tensor=2;data=8;fsdp=8", help="';'-separated AXIS=SIZE lists")
     p.add_argument("--platforms", default="cuda,tpu")
     p.add_argument("--layers", type=int, default=0, help="lower only this many layers (0: the preset's)")
-    p.add_argument("--remat", default="full", choices=["full", "dots", "none"])
+    p.add_argument("--remat", default="full", choices=["full", "dots", "none", "attention", "auto"])
     p.add_argument("--compile-meshes", default="fsdp=4,tensor=2;data=8", help="'' to skip the compiled check")
     p.add_argument("--compile-layers", type=int, default=2)
     p.add_argument("--compile-seq", type=int, default=256)

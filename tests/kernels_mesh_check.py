@@ -18,7 +18,8 @@ key walk). Case "seg": GQA 2 with 8 query heads, one bias per query head, packed
 
 Tolerances (fp32): vs the reference, outputs 1e-5 absolute (O(1) values) and gradients 1e-4 relative to the
 largest entry of each reference gradient; vs the unsharded kernel, 1e-6 absolute / 1e-5 relative (the per-shard
-arithmetic is the same; XLA may fuse it differently). The model: loss 1e-5 relative, gradients 1e-4 relative.
+arithmetic is the same; XLA may fuse it differently). The model: loss 1e-5 relative, gradients 1e-4 relative, or
+2 × the reference's own error when sharded the same way, if larger (check_model says why).
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ from doge_jax.parallel import sharding as sh  # noqa: E402
 OUT_ATOL, GRAD_RTOL = 1e-5, 1e-4  # kernel vs reference
 SHARD_ATOL, SHARD_RTOL = 1e-6, 1e-5  # sharded kernel vs the same kernel on one device
 LOSS_RTOL = 1e-5
+SUM_ORDER_FACTOR = 2  # two fp32 summation orders, each ~noise from the exact sum, differ by up to ~2 × noise
 
 # (data, fsdp, tensor, expert) → the layer case it runs: every device count, each axis alone and mixed.
 # One device takes no shard_map (the model check covers it); "seg" has B = 4, so fsdp=8 leaves it unsplit.
@@ -179,28 +181,45 @@ def loss_and_grads(graphdef):
     return jax.jit(f)
 
 
+def sharded_loss_and_grads(impl, shape, inputs):
+    graphdef, state = model_state(impl)
+    mesh = make_mesh(shape)
+    state_sh = jax.device_put(state, sh.state_shardings(state, mesh))
+    inputs_sh = jax.device_put(inputs, sh.batch_sharding(mesh))
+    with jax.set_mesh(mesh):
+        return loss_and_grads(graphdef)(state_sh, *inputs_sh)
+
+
 def check_model(impl):
+    """The kernel's loss and gradients on each mesh vs the unsharded reference.
+
+    A gradient may also be as far off as SUM_ORDER_FACTOR × the reference's own distance from itself when sharded
+    the same way. The gradient of A is a sum over every token of terms much larger than the sum; splitting the
+    batch over data × fsdp sums them in another order, and fp32 then moves it by ~1e-4 relative: the XLA
+    reference alone, on mesh (2, 2, 1, 1), is 1.4e-4 from the unsharded reference in layer 0's A (jax 0.11.2),
+    and the kernel 1.2-1.5e-4, with no kernel and no interpret mode involved in the former.
+    """
     inputs = model_inputs()
     graphdef, state = model_state("xla")
     ref_loss, ref_grads = loss_and_grads(graphdef)(state, *inputs)
-    graphdef, state = model_state(impl)
+    flat_ref = dict(jax.tree_util.tree_leaves_with_path(ref_grads))
     for shape in MODEL_MESHES:
-        mesh = make_mesh(shape)
-        state_sh = jax.device_put(state, sh.state_shardings(state, mesh))
-        inputs_sh = jax.device_put(inputs, sh.batch_sharding(mesh))
-        with jax.set_mesh(mesh):
-            loss, grads = loss_and_grads(graphdef)(state_sh, *inputs_sh)
+        loss, grads = sharded_loss_and_grads(impl, shape, inputs)
+        _, ref_sharded = sharded_loss_and_grads("xla", shape, inputs)
+        flat_ref_sharded = dict(jax.tree_util.tree_leaves_with_path(ref_sharded))
         loss_err = abs(float(loss) - float(ref_loss)) / abs(float(ref_loss))
-        flat_ref = dict(jax.tree_util.tree_leaves_with_path(ref_grads))
-        worst, where = 0.0, ""
+        worst, where, over = 0.0, "", []
         for path, g in jax.tree_util.tree_leaves_with_path(grads):
             err = max_rel(g, flat_ref[path])
+            noise = max_rel(flat_ref_sharded[path], flat_ref[path])  # the reference vs itself, sharded
+            if err > max(GRAD_RTOL, SUM_ORDER_FACTOR * noise):
+                over.append(f"{jax.tree_util.keystr(path)} {err:.1e} (reference sharded: {noise:.1e})")
             if err > worst:
-                worst, where = err, jax.tree_util.keystr(path)
+                worst, where = err, f"{jax.tree_util.keystr(path)}, reference sharded {noise:.1e}"
         line = (f"model mesh={shape}: loss {float(loss):.6f} rel err {loss_err:.1e}; {len(flat_ref)} gradients, "
                 f"worst rel err {worst:.1e} ({where})")
-        if loss_err > LOSS_RTOL or worst > GRAD_RTOL:
-            fail(line)
+        if loss_err > LOSS_RTOL or over:
+            fail(line + f"; over tolerance: {over}")
         say(line)
 
 

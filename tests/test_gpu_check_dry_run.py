@@ -34,5 +34,9 @@ def test_gpu_check_dry_run(tmp_path):
     assert [r["ran"] for r in train][::2] == ["pallas_gpu", "pallas_gpu"]  # the kernel path ran (interpret)
     assert [(r["preset"], r["batch"]) for r in report["decode"]] == [("doge_20m", 1), ("doge_20m", 16)]
     assert all(r["decode_tok_s"] > 0 for r in report["decode"]), report["decode"]
+    tiles = report["tiles"]  # the tile sweep ran every tile of the dry list, each through the kernel
+    assert [(r["rows"], r["block_k"]) for r in tiles] == [(16, 16), (32, 16)], tiles
+    assert all(r["fwd_ms"] > 0 and r["fwd+bwd_ms"] > 0 for r in tiles), tiles
+    assert [p["what"].split()[0] for p in report["profile"]] == ["doge_20m", "doge_40m_moe"]  # auto rows profiled
     md = (tmp_path / "gpu_check_dma.md").read_text()
-    assert "DRY RUN" in md and "## 4. decode" in md
+    assert "DRY RUN" in md and "## 4. decode" in md and "## 5. kernel tiles" in md

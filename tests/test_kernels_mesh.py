@@ -53,7 +53,8 @@ def test_kernel_on_meshes_matches_reference(impl):
 
 
 def test_lowering_for_sets_the_kernel_backend_and_restores_it():
-    q, k, dt = jnp.zeros((1, 12, 4, 16)), jnp.zeros((1, 12, 2, 16)), jnp.ones((1, 2, 12))
+    q, k = jnp.zeros((1, 12, 4, 16), jnp.bfloat16), jnp.zeros((1, 12, 2, 16), jnp.bfloat16)  # GPU: not float32
+    dt = jnp.ones((1, 2, 12))
     mask = MaskSpec(keep_window_size=8)
     assert target.backend() == jax.default_backend()
     with target.lowering_for("cuda"):

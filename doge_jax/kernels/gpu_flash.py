@@ -27,6 +27,8 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
+from doge_jax.kernels import shared as _shared
+
 NO_KEY = 2**30  # position of a missing key: after every query, so the causal test drops it
 _NEG = -1e30  # running-max floor; exp(_NEG − m) underflows to 0 for any real score m
 
@@ -50,6 +52,7 @@ class KernelConfig:
     interpret: bool
     num_warps: int | None = None
     num_stages: int = 2
+    dkv_warps: int | None = None  # the dK/dV kernel's num_warps (None: num_warps)
 
     def __post_init__(self):
         for name in ("block_q", "block_k", "heads_per_kv", "chunk"):
@@ -65,12 +68,12 @@ class KernelConfig:
         return self.block_q * self.heads_per_kv
 
 
-def _compiler_params(cfg: KernelConfig, head_dim: int):
+def _compiler_params(cfg: KernelConfig, head_dim: int, *, dkv: bool = False):
     if cfg.interpret:
         return None
     from jax.experimental.pallas import triton as pltriton  # GPU only
 
-    warps = cfg.num_warps or (4 if head_dim <= 64 else 8)
+    warps = (dkv and cfg.dkv_warps) or cfg.num_warps or (4 if head_dim <= 64 else 8)
     return pltriton.CompilerParams(num_warps=warps, num_stages=cfg.num_stages)
 
 
@@ -324,7 +327,7 @@ def _dkv_kernel(*refs, cfg: KernelConfig, n_rows: int, n_keys: int):
     i_hi = jnp.minimum(i_hi, n_tiles)
 
     def visit(i, carry):
-        dk, dv, *dbias = carry
+        dk, dv, dbias = carry
         rs = pl.ds(pl.multiple_of(i * cfg.rows, cfg.rows), cfg.rows)
         q, do = r["q"][rs, :], r["do"][rs, :]
         lse = r["lse"][rs]
@@ -344,22 +347,22 @@ def _dkv_kernel(*refs, cfg: KernelConfig, n_rows: int, n_keys: int):
         dv = dv + _dot(p.astype(do.dtype), do, 0, 0)
         ds = p * (_dot(do, v, 1, 1) - r["delta"][rs][:, None])
         dk = dk + _dot(ds.astype(q.dtype), q, 0, 0)
-        if cfg.bias_rows == 1:
-            dbias = [dbias[0] + jnp.sum(ds, axis=0)]
-        else:
-            dbias = [d + jnp.sum(jnp.where(head == g, ds, 0.0), axis=0) for g, d in enumerate(dbias)]
-        return (dk, dv, *dbias)
+        # One bias per kv head: its column sum. One per query head: dS summed over the tiles as [rows, bk] (row ρ
+        # is always head ρ mod R) and split by head once at the end; a masked sum per head in every step kept R
+        # temporaries live and spilled registers on sm_90 (benchmarks/gpu_compile_table.py).
+        dbias = dbias + (jnp.sum(ds, axis=0) if cfg.bias_rows == 1 else ds)
+        return dk, dv, dbias
 
     zeros_kv = jnp.zeros(k.shape, jnp.float32)
-    zeros_b = [jnp.zeros((cfg.block_k,), jnp.float32) for _ in range(cfg.bias_rows)]
-    dk, dv, *dbias = lax.fori_loop(i_lo, i_hi, visit, (zeros_kv, zeros_kv, *zeros_b))
+    zeros_b = jnp.zeros((cfg.block_k,) if cfg.bias_rows == 1 else (cfg.rows, cfg.block_k), jnp.float32)
+    dk, dv, dbias = lax.fori_loop(i_lo, i_hi, visit, (zeros_kv, zeros_kv, zeros_b))
     r["dk"][...] = (dk * cfg.scale).astype(r["dk"].dtype)
     r["dv"][...] = dv.astype(r["dv"].dtype)
     if cfg.bias_rows == 1:
-        r["ddt"][...] = dbias[0]
+        r["ddt"][...] = dbias
     else:
-        for g, d in enumerate(dbias):
-            r["ddt"][g, :] = d
+        for g in range(cfg.bias_rows):
+            r["ddt"][g, :] = jnp.sum(jnp.where(head == g, dbias, 0.0), axis=0)
 
 
 def _backward_dkv(cfg: KernelConfig, q, k, v, dt, meta, do, lse, delta):
@@ -381,36 +384,29 @@ def _backward_dkv(cfg: KernelConfig, q, k, v, dt, meta, do, lse, delta):
         out_specs=[kv_spec, kv_spec, dt_spec],
         out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype),
                    jax.ShapeDtypeStruct(dt.shape, jnp.float32)],
-        compiler_params=_compiler_params(cfg, head_dim),
+        compiler_params=_compiler_params(cfg, head_dim, dkv=True),
         interpret=cfg.interpret,
         name="dma_backward_dkv",
     )(*[a for a, _ in operands])
 
 
-# --- custom_vjp ------------------------------------------------------------------------------------------------
+# --- autodiff ----------------------------------------------------------------------------------------------------
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def fused_attention(cfg: KernelConfig, q, k, v, dt, meta):
     """(o, lse) of DMA in the kernel layout. meta: kpos, and thr / qseg / kseg / ntab / tile_exit as configured.
 
-    lse is −inf on rows with no kept key (their o is 0). Only q, k, v and dt are differentiated.
+    lse is −inf on rows with no kept key (their o is 0). Only q, k, v and dt are differentiated; the forward
+    kernel runs once per layer under remat_policy="attention" (`_shared.with_kernel_backward`).
     """
-    return _forward(cfg, q, k, v, dt, meta)
+    return _shared.with_kernel_backward(_forward_call, _backward, cfg, q, k, v, dt, meta)
 
 
-def _fused_fwd(cfg, q, k, v, dt, meta):
-    o, lse = _forward(cfg, q, k, v, dt, meta)
-    return (o, lse), (q, k, v, dt, meta, o, lse)
+_forward_call = jax.jit(_forward, static_argnums=0)
 
 
-def _fused_bwd(cfg, res, cotangents):
-    q, k, v, dt, meta, o, lse = res
-    do, _ = cotangents  # lse only ever feeds a comparison: its cotangent is zero
+def _backward(cfg, q, k, v, dt, meta, o, lse, do):
     do = do.astype(q.dtype)
     delta = jnp.sum(o.astype(jnp.float32) * do.astype(jnp.float32), axis=-1)  # [B, K, T·R]
     dq = _backward_dq(cfg, q, k, v, dt, meta, do, lse, delta)
     dk, dv, ddt = _backward_dkv(cfg, q, k, v, dt, meta, do, lse, delta)
-    return dq, dk, dv, ddt.astype(dt.dtype), None
-
-
-fused_attention.defvjp(_fused_fwd, _fused_bwd)
+    return dq, dk, dv, ddt

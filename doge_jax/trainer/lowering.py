@@ -28,8 +28,10 @@ COLLECTIVES = ("all_gather", "all_reduce", "reduce_scatter", "all_to_all", "coll
 
 
 def batch_shapes(config) -> dict:
-    """The abstract global batch of one step: [grad_accum_steps, batch_size / grad_accum_steps, seq_len] int32."""
-    shape = (config.grad_accum_steps, config.batch_size // config.grad_accum_steps, config.seq_len)
+    """The abstract global batch of one step: [A, batch_size / A, seq_len] int32, A = grad_accum_steps (1 for
+    "auto", which a run resolves by compiling: doge_jax/trainer/fit.py)."""
+    accum = 1 if config.grad_accum_steps == "auto" else config.grad_accum_steps
+    shape = (accum, config.batch_size // accum, config.seq_len)
     return {name: jax.ShapeDtypeStruct(shape, jnp.int32) for name in ("input_ids", "targets", "segment_ids",
                                                                       "positions")}
 
@@ -83,17 +85,31 @@ def _kernel_name(line: str) -> str:
     return found.group("name") if found else "?"
 
 
+_FUNC = re.compile(r"func\.func (?:public |private )?@(?P<name>[\w$.]+)\(")
+_FUNC_CALL = re.compile(r"(?:func\.)?call @(?P<name>[\w$.]+)\(")
+
+
 def kernel_report(text: str, platform: str) -> KernelReport:
-    """Every kernel custom call of `platform` in the StableHLO `text`, with its enclosing manual region.
+    """Every kernel custom call of `platform` in the StableHLO `text`, with its enclosing manual region, counted
+    once per execution path from @main: a kernel inside a private function (a jit call, e.g. the forward
+    kernels, so that a remat recompute nobody reads is dropped) counts at every call site of that function.
 
     Regions are tracked by indentation-independent brace depth: a manual_computation's body opens with `{` at
     the end of its line and closes with the `}` that returns to that depth."""
     targets = KERNEL_TARGETS[platform]
-    calls, ins = [], []
+    ins = []
+    # Per function, in order: ("kernel", KernelCall) and ("call", callee, manual axes at the call site).
+    events: dict[str, list[tuple]] = {}
+    current = ""
+    fn_depth = 0
     stack: list[tuple[int, tuple[str, ...]]] = []  # (brace depth at which the region's body ends, manual axes)
     depth = 0
     collectives = {c: 0 for c in COLLECTIVES}
     for line in text.splitlines():
+        fn = _FUNC.search(line)
+        if fn:
+            current, fn_depth = fn.group("name"), depth
+            events.setdefault(current, [])
         manual = _MANUAL_OPEN.search(line)
         if manual:
             axes = tuple(a.strip().strip('"') for a in manual.group("axes").split(",") if a.strip())
@@ -102,15 +118,35 @@ def kernel_report(text: str, platform: str) -> KernelReport:
         for c in COLLECTIVES:
             if f"stablehlo.{c}" in line or f'"stablehlo.{c}"' in line:
                 collectives[c] += 1
+        here = stack[-1][1] if stack else None
         call = _CALL.search(line)
         if call and call.group("target") in targets:
             types = line[line.rfind(": (") + 3:line.rfind(") ->")] if ": (" in line else ""
-            calls.append(KernelCall(name=_kernel_name(line), operand_shapes=re.findall(r"tensor<[^>]*>", types),
-                                    manual_axes=stack[-1][1] if stack else None))
+            events.setdefault(current, []).append(("kernel", KernelCall(
+                name=_kernel_name(line), operand_shapes=re.findall(r"tensor<[^>]*>", types), manual_axes=here)))
+        elif not fn:
+            callee = _FUNC_CALL.search(line)
+            if callee:
+                events.setdefault(current, []).append(("call", callee.group("name"), here))
         code = _STRING.sub('""', line)  # a kernel's serialized IR may hold unbalanced braces
         depth += code.count("{") - code.count("}")
         while stack and depth <= stack[-1][0]:
             stack.pop()
+        if fn is None and depth <= fn_depth:
+            current = ""
+
+    def expand(name: str, outer: tuple[str, ...] | None, seen: tuple[str, ...]) -> list[KernelCall]:
+        out = []
+        for event in events.get(name, []):
+            if event[0] == "kernel":
+                k = event[1]
+                out.append(dataclasses.replace(k, manual_axes=k.manual_axes if k.manual_axes is not None else outer))
+            elif event[1] not in seen:
+                out += expand(event[1], event[2] if event[2] is not None else outer, seen + (event[1],))
+        return out
+
+    calls = expand("main", None, ("main",)) if "main" in events else [e[1] for es in events.values() for e in es
+                                                                        if e[0] == "kernel"]
     return KernelReport(calls=calls, manual_regions=len(ins), region_in_shardings=ins,
                         collectives={c: n for c, n in collectives.items() if n})
 
