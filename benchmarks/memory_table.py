@@ -6,6 +6,9 @@
         --remat none,full,dots,dots_with_no_batch_dims --grad-accum 1,4        # remat x accumulation
     python benchmarks/memory_table.py --compare-constraints ...         # with / without the layer-boundary
                                                                         # sharding constraints
+    python benchmarks/memory_table.py --single-device                   # each preset at its global batch on ONE
+                                                                        # device of 16/24/80/141 GB: micro-batches
+                                                                        # "auto" picks, before/after the chunked loss
 
 Each row is one preset (configs/<preset>.py at its own batch_size and seq_len, model.dtype=bfloat16 unless
 --dtype) on one mesh (config.mesh; sizes multiply to the device count), remat policy and grad_accum_steps. The
@@ -51,6 +54,12 @@ def parse_args(argv=None):
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     p.add_argument("--compare-constraints", action="store_true",
                    help="also compile each row without the decoder's layer-boundary sharding constraints")
+    p.add_argument("--single-device", action="store_true",
+                   help="one device per preset: the micro-batches grad_accum_steps='auto' picks for each of "
+                        "--device-gb, with the chunked loss and without it (loss_chunk_tokens=-1)")
+    p.add_argument("--device-gb", default="16,24,80,141", help="device sizes for --single-device")
+    p.add_argument("--losses", default="full,chunked",
+                   help="for --single-device: 'full' (loss_chunk_tokens=-1), 'chunked' (0, the default), or both")
     return p.parse_args(argv)
 
 
@@ -66,6 +75,8 @@ def parse_mesh(text: str) -> dict[str, int]:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.single_device:
+        return single_device(args)
     counts = [int(c) for c in args.devices.split(",")]
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                                f" --xla_force_host_platform_device_count={max(counts)}")
@@ -167,6 +178,68 @@ def measure(config, n: int, *, constraints: bool = True) -> dict:
     peak = (mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes
             + mem.temp_size_in_bytes)
     return {"params": params, "opt": opt, "temp": mem.temp_size_in_bytes, "peak": peak}
+
+
+DEVICE_NAMES = {16: "16 GB (v5e, T4)", 24: "24 GB (RTX 4090, L4)", 80: "80 GB (H100, A100)", 141: "141 GB (H200)"}
+
+
+def single_device(args) -> int:
+    """Each preset at its own global batch on ONE device: what grad_accum_steps="auto" (doge_jax/trainer/fit.py)
+    picks for each device size, from the compiled step's memory, with the chunked loss and without it."""
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    import importlib
+
+    import jax
+    import jax.numpy as jnp
+
+    from doge_jax.trainer import Trainer, fit
+    from doge_jax.trainer.mesh import make_mesh
+
+    sizes = [int(x) for x in args.device_gb.split(",")]
+    print(f"# jax {jax.__version__}, one {jax.devices()[0].platform} device; model.dtype={args.dtype}, "
+          f"model.remat_policy='auto'; usable = (1 - {fit.MARGIN['accelerator']:.0%}) x the device's GB "
+          "(fit.MARGIN); GB = 1e9 bytes")
+    print("| preset | batch x seq | loss | device | micro-batches | sequences per micro-batch | tokens per "
+          "micro-batch | peak GB | compiled |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for preset in args.presets.split(","):
+        losses = {"full": (-1, "full logits"), "chunked": (0, "chunked")}
+        for chunk, label in (losses[name] for name in args.losses.split(",")):
+            cache: dict[int, object] = {}
+
+            def compile_at(accum, preset=preset, chunk=chunk, cache=cache):
+                if accum not in cache:
+                    config = importlib.import_module(f"configs.{preset}").get_config()
+                    config.model.dtype, config.grad_accum_steps, config.loss_chunk_tokens = args.dtype, accum, chunk
+                    config.progress_bar = config.tensorboard = False
+                    A, M, T = accum, config.batch_size // accum, config.seq_len
+                    batch = {k: jax.ShapeDtypeStruct((A, M, T), jnp.int32)
+                             for k in ("input_ids", "targets", "segment_ids", "positions")}
+                    t0 = time.perf_counter()
+                    with tempfile.TemporaryDirectory() as workdir:
+                        trainer = Trainer(config, workdir, mesh=make_mesh(config.mesh, devices=jax.devices()[:1]))
+                        cache[accum] = trainer.lower_train_step(batch).compile()
+                    print(f"  ({preset} {label} {accum} micro-batches: {fit.step_peak(cache[accum]) / GB:.2f} GB, "
+                          f"compiled in {time.perf_counter() - t0:.0f}s)", file=sys.stderr, flush=True)
+                return cache[accum]
+
+            config = importlib.import_module(f"configs.{preset}").get_config()
+            B, T = config.batch_size, config.seq_len
+            for gb in sizes:
+                memory = fit.DeviceMemory(limit=int(gb * GB), margin=fit.MARGIN["accelerator"],
+                                          source=DEVICE_NAMES.get(gb, f"{gb} GB"))
+                prefix = f"| {preset} | {B} x {T} | {label} | {memory.source} |"
+                try:
+                    choice = fit.choose(compile_at, batch_size=B, row_multiple=1, memory=memory, data_parallel=1)
+                except fit.DoesNotFit:
+                    print(f"{prefix} does not fit (1 sequence: {fit.step_peak(compile_at(B)) / GB:.1f} GB) | | | | "
+                          f"{len(cache)} |", flush=True)
+                    continue
+                rows = B // choice.num_micro
+                print(f"{prefix} {choice.num_micro} | {rows} | {rows * T:,} | {choice.peak / GB:.1f} | "
+                      f"{len(cache)} |", flush=True)
+    return 0
 
 
 def _shard_bytes(x, sharding) -> int:

@@ -35,13 +35,25 @@ def get_config() -> ml_collections.ConfigDict:
 
     config = ml_collections.ConfigDict()
     config.model = model_defaults()
+    # What a layer keeps for the backward pass: "auto" recomputes the XLA reference attention's [B, N, T, S]
+    # probabilities (CPU, attention_impl='xla') and nothing where a kernel runs (doge_jax/model/options.py).
+    config.model.remat_policy = "auto"
     config.data = data_config_defaults()
 
     config.seed = 0  # parameter init, dropout, data order (with data.seed)
     # The seed recipe trains at 2048 tokens per sequence; batch_size is global, in sequences.
     config.seq_len = 2048
     config.batch_size = 256
-    config.grad_accum_steps = 1  # micro-batches per step (lax.scan); batch_size must be divisible by it
+    # Micro-batches per step (a lax.scan accumulating gradients): "auto" = the fewest whose compiled step fits
+    # the device's memory (doge_jax/trainer/fit.py: measured from the compiled step before step 1, said in one
+    # line); an integer = exactly that many (batch_size must be divisible by it).
+    config.grad_accum_steps = ml_collections.FieldReference("auto", field_type=object)  # or an int
+    # The memory "auto" fits into, in GB per device; 0 = the device's own (accelerators: the allocator's
+    # bytes_limit; a CPU host: available RAM / local devices), less the margin fit.py states.
+    config.memory_limit_gb = 0.0
+    # The loss runs the final norm, LM head and log-softmax over chunks of this many tokens, never holding the
+    # [B, T, V] logits (doge_jax/model/token_scores.py); 0 = about 2^26 logits per chunk, -1 = all at once.
+    config.loss_chunk_tokens = 0
     config.total_steps = 16_000
     # A checkpoint (workdir or step folder, e.g. from `convert from-hf`) to take the parameters from, with a
     # fresh optimizer at step 0 (fine-tuning). WORKDIR's own checkpoints always take precedence (resume).

@@ -64,7 +64,8 @@ def test_pretrain_sft_dpo_grpo_export_serve(tmp_path):
         [prompt.tolist()], SamplingParams(max_new_tokens=12, stop_tokens=(tok.eos_token_id,)))
     expected = tok.decode(mine.completions()[0], skip_special_tokens=True)
 
-    server = ServerProcess(out, tmp_path / "serve.log", "--threads", "1").wait_ready()
+    # float32: the served text must be doge-jax's sampler's, token for token
+    server = ServerProcess(out, tmp_path / "serve.log", "--threads", "1", "--dtype", "float32").wait_ready()
     try:
         r = httpx.post(server.url + "/v1/chat/completions", timeout=120, json={
             "model": "tiny-doge", "messages": messages, "max_tokens": 12, "temperature": 0})

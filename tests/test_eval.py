@@ -118,7 +118,9 @@ def _lm_eval(setup, model: str, model_args: str) -> dict:
 
 @pytest.fixture(scope="module")
 def server(setup, tmp_path_factory):
-    proc = ServerProcess(setup["hf"], tmp_path_factory.mktemp("logs") / "serve.log", "--threads", "1")
+    # float32: the server's logprobs must equal the JAX scorer's to 1e-4 (bf16 linears move them by ~1e-3)
+    proc = ServerProcess(setup["hf"], tmp_path_factory.mktemp("logs") / "serve.log", "--threads", "1",
+                         "--dtype", "float32")
     try:
         yield proc.wait_ready()
     finally:

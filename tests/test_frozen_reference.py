@@ -53,7 +53,8 @@ def _stage_trainer(stage: str, tmp_path, hidden: int) -> Trainer:
 
 
 def _batch(stage: str, config) -> dict:
-    A, M = config.grad_accum_steps, config.batch_size // config.grad_accum_steps
+    A = 1 if config.grad_accum_steps == "auto" else config.grad_accum_steps  # "auto": the run resolves it
+    M = config.batch_size // A
     i32 = lambda *shape: jax.ShapeDtypeStruct((A, M) + shape, jnp.int32)  # noqa: E731
     if stage == "dpo":
         return {k: i32(2, config.seq_len) for k in ("input_ids", "targets", "segment_ids", "positions")}

@@ -494,7 +494,7 @@ def test_served_with_trust_remote_code(original_export, tok, tmp_path):
     from transformers import AutoModelForCausalLM
 
     server = ServerProcess(original_export, tmp_path / "server.log", "--trust-remote-code", "--threads", "1",
-                           "--max-batch", "2")
+                           "--max-batch", "2", "--dtype", "float32")  # float32: the text must be generate's
     try:
         server.wait_ready()
         with openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=60) as client:

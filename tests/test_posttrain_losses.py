@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from doge_jax.model.loss import IGNORE_INDEX
+from doge_jax.model.token_scores import scores_from_logits
 from doge_jax.posttrain import dpo, grpo
 
 LN2 = math.log(2.0)
@@ -34,13 +35,20 @@ def _logits_for(p_first: float, p_second: float) -> np.ndarray:
 
 
 class FixedLogits:
-    """A stand-in model: returns the same logits for any input (the loss plumbing is what is tested)."""
+    """A stand-in model: the same logits for any input (the loss plumbing is what is tested). With head=False
+    its "hidden" state is those logits and its head (`logits`) the identity, so token_scores' chunked head
+    returns them as they are."""
+
+    cfg = SimpleNamespace(vocab_size=V)
 
     def __init__(self, logits):
-        self.logits = jnp.asarray(logits)
+        self.values = jnp.asarray(logits)
 
-    def __call__(self, input_ids, *args, **kwargs):
-        return SimpleNamespace(logits=self.logits)
+    def __call__(self, input_ids, *args, head=True, **kwargs):
+        return SimpleNamespace(logits=self.values if head else None, hidden=None if head else self.values)
+
+    def logits(self, hidden):
+        return hidden
 
 
 def _pair_batch():
@@ -57,7 +65,8 @@ REF = np.stack([_logits_for(0.5, 0.25), _logits_for(0.25, 0.5)])
 
 
 def test_sequence_logps():
-    logps, counts = dpo.sequence_logps(jnp.asarray(POLICY), jnp.asarray(_pair_batch()["targets"][0]))
+    targets = jnp.asarray(_pair_batch()["targets"][0])
+    logps, counts = dpo.sequence_logps(scores_from_logits(jnp.asarray(POLICY), targets), targets)
     np.testing.assert_allclose(logps, [-2 * LN2, -4 * LN2], atol=1e-6)
     assert counts.tolist() == [2, 2]
 

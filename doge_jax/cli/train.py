@@ -9,8 +9,9 @@
 Every config field can be overridden as `--config.<path>=value`; `--data=FILE` replaces `config.data` with a
 data preset (configs/data/), its fields overridden as `--data.<path>=value`. WORKDIR defaults to
 `runs/<config file name>` under the current directory and may be a gs:// URL. Rerunning the same command
-resumes from WORKDIR's latest checkpoint. Exit codes: 0 done, 2 bad config (one line naming the field), 3 diverged
-(non-finite loss), 143 stopped by SIGTERM after saving a checkpoint.
+resumes from WORKDIR's latest checkpoint. Exit codes: 0 done, 2 bad config (one line naming the field; also when
+the step cannot fit the device's memory, or ran out of it: the line names `--config.grad_accum_steps=N`), 3
+diverged (non-finite loss), 143 stopped by SIGTERM after saving a checkpoint.
 """
 
 from __future__ import annotations
@@ -79,7 +80,8 @@ def main(argv) -> int:
     accelerator = hostmem.has_accelerator()
     if config.keep_freed_memory and not accelerator:
         hostmem.keep_freed_memory()  # before XLA starts its threads; see hostmem.py
-    from doge_jax.trainer import ConfigError, PREEMPTED_EXIT_CODE, Trainer, TrainingDiverged, initialize_distributed
+    from doge_jax.trainer import (ConfigError, OutOfMemory, PREEMPTED_EXIT_CODE, Trainer, TrainingDiverged,
+                                  initialize_distributed)
 
     try:
         initialize_distributed(config.distributed)
@@ -96,7 +98,7 @@ def main(argv) -> int:
             stage_kwargs = trainer_kwargs(config)
         trainer = Trainer(config, workdir, **stage_kwargs)
         trainer.run()
-    except ConfigError as e:
+    except (ConfigError, OutOfMemory) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except TrainingDiverged as e:

@@ -27,6 +27,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from doge_jax.model.token_scores import token_scores
 from doge_jax.parallel import sharding as sh
 
 MIN_BUCKET = 16
@@ -54,10 +55,9 @@ def _token_logprobs(graphdef, state, ids, targets, at):
     after each) → (log p(targets) [B, W] float32, targets == argmax [B, W] bool)."""
     model = nnx.merge(graphdef, state)
     model.eval()
-    logits = model(ids, logits_at=at).logits  # [B, W, V] float32
-    logp = jax.nn.log_softmax(logits, axis=-1)
-    picked = jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
-    return picked, jnp.argmax(logits, axis=-1) == targets
+    hidden = model(ids, logits_at=at, head=False).hidden  # [B, W, D]
+    scores = token_scores(model, hidden, targets)  # the head over chunks: never [B, W, V] for a long window
+    return scores.logp, scores.greedy
 
 
 @functools.lru_cache(maxsize=None)

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from doge_jax.model import moe_reference, rope
+from doge_jax.model import attention_impl, moe_reference, rope
 from doge_jax.model.attention import DogeAttention, init_cache
 from doge_jax.model.config import DogeConfig
 from doge_jax.model.layers import MLP, Dense, RMSNorm
@@ -31,11 +31,12 @@ from doge_jax.parallel import sharding as sh
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class CausalLMOutput:
-    logits: jax.Array  # [B, T, V] float32
+    logits: jax.Array | None  # [B, T, V] float32 (None when called with head=False)
     aux_loss: jax.Array | None = None  # MoE load balancing (unscaled), as transformers' `aux_loss`
     routing: tuple[moe_reference.Routing, ...] = ()  # per MoE layer: scores [2, B·T, nk], experts [B·T, k]
     moe: moe_reference.RoutingSummary | None = None  # aux loss, z-loss and routing statistics, computed once
     cache: list | None = None  # per layer {"k", "v", "dt"} when decoding with a cache
+    hidden: jax.Array | None = None  # [B, T, D] before the final norm, when called with head=False
 
 
 class DecoderLayer(nnx.Module):
@@ -90,12 +91,15 @@ class Doge(nnx.Module):
         cache: list | None = None,
         cache_index: jax.Array | int | None = None,
         logits_at: jax.Array | None = None,
+        head: bool = True,
     ) -> CausalLMOutput:
         """input_ids [B, T] int; attention_mask [B, T] (1 = token, 0 = padding), or with a cache [B, S_cache]
         marking the filled slots; positions [B, T] (default 0..T-1, or cache_index.. with a cache);
         segment_ids [B, T] for packed sequences (attention never crosses segments); logits_at [B, W] int: the
         positions whose logits are wanted (logits [B, W, V]: the final norm and LM head run on W positions, not
-        T, as scoring a few continuation tokens needs; transformers' `logits_to_keep` with an index per row)."""
+        T, as scoring a few continuation tokens needs; transformers' `logits_to_keep` with an index per row);
+        head=False: no final norm or LM head, `hidden` [B, T, D] instead of logits, for
+        `doge_jax.model.token_scores`, which runs them chunk by chunk without holding [B, T, V]."""
         cfg = self.cfg
         B, T = input_ids.shape
         if positions is None:
@@ -105,8 +109,9 @@ class Doge(nnx.Module):
         h = jnp.take(self.embed_tokens[...], input_ids, axis=0).astype(self.dtype)  # [B, T, D]
 
         layer_call = lambda layer, *args: layer(*args)  # noqa: E731
-        if cfg.remat_policy != "none":  # REMAT_POLICIES["full"] is None: save nothing
-            layer_call = nnx.remat(layer_call, policy=REMAT_POLICIES[cfg.remat_policy])
+        remat = attention_impl.resolved_remat(cfg.remat_policy, cfg.attention_impl)
+        if remat not in ("none", "scores"):  # layer remat; REMAT_POLICIES["full"] is None: save nothing
+            layer_call = nnx.remat(layer_call, policy=REMAT_POLICIES[remat])
         new_cache, routings = [], []
         # The residual stream at every layer boundary: batch over the data axes, T and D whole (the identity
         # without a mesh). Propagation alone picks layouts that keep far larger activations per device:
@@ -123,11 +128,7 @@ class Doge(nnx.Module):
                 routings.append(routing)
         if logits_at is not None:
             h = jnp.take_along_axis(h, logits_at[..., None].astype(jnp.int32), axis=1)  # [B, W, D]
-        h = self.norm(h)
-        if self.lm_head is None:
-            logits = jnp.dot(h, self.embed_tokens[...].astype(h.dtype).T)
-        else:
-            logits = self.lm_head(h)
+        logits = self.logits(h) if head else None
 
         summary = None
         if routings:
@@ -137,8 +138,19 @@ class Doge(nnx.Module):
             elif segment_ids is not None:
                 token_mask = (segment_ids > 0).reshape(-1)
             summary = moe_reference.routing_summary(routings, cfg.num_experts, token_mask)
-        return CausalLMOutput(logits=logits.astype(jnp.float32), aux_loss=None if summary is None else summary.aux_loss,
-                              routing=tuple(routings), moe=summary, cache=None if cache is None else new_cache)
+        return CausalLMOutput(logits=logits, aux_loss=None if summary is None else summary.aux_loss,
+                              routing=tuple(routings), moe=summary, cache=None if cache is None else new_cache,
+                              hidden=None if head else h)
+
+    def logits(self, h: jax.Array) -> jax.Array:
+        """The final norm and the LM head (the embedding's transpose when tied): h [..., D] → float32 [..., V].
+
+        The product accumulates and is written in float32 (in a bf16 model too): a separate cast of bf16 logits
+        was a full extra pass over the largest tensor of a small model's step (7 % of a Doge-20M step on an
+        H200), and the bf16 rounding of the logits it undid was only error."""
+        h = self.norm(h)
+        weight = self.embed_tokens[...].T if self.lm_head is None else self.lm_head.kernel[...]  # [D, V]
+        return jnp.dot(h.astype(self.dtype), weight.astype(self.dtype), preferred_element_type=jnp.float32)
 
     def init_cache(self, batch: int, max_len: int) -> list:
         return [init_cache(self.cfg, batch, max_len, self.dtype) for _ in range(self.cfg.num_hidden_layers)]

@@ -18,12 +18,25 @@ ACTIVATIONS = {
     "tanh": jnp.tanh,
 }
 
-# remat_policy → what a decoder layer saves for the backward pass ("none": no remat at all).
+# Names the attention puts on its tensors (jax.ad_checkpoint.checkpoint_name), for the policies below.
+ATTENTION_OUT = "dma_out"  # the attention output [B, T, N, H] (reference and kernels)
+ATTENTION_LSE = "dma_lse"  # the kernels' per-row log-sum-exp: with the output, all their backward pass needs
+
+# remat_policy → what a decoder layer saves for the backward pass ("none": no remat at all; "auto" is resolved
+# to "scores" where the XLA reference computes the attention, else to "none": attention_impl.resolved_remat).
 REMAT_POLICIES = {
+    "auto": None,
     "none": None,
     "full": None,  # save nothing, recompute the layer
     "dots": jax.checkpoint_policies.checkpoint_dots,
     "dots_with_no_batch_dims": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+    # Save only the attention's output and softmax statistics: the layer's cheap projections are recomputed,
+    # the attention (a kernel's forward) is not, so the forward kernel runs once per layer.
+    "attention": jax.checkpoint_policies.save_only_these_names(ATTENTION_OUT, ATTENTION_LSE),
+    # No layer remat; the XLA reference attention alone is checkpointed (its inputs kept, its [B, N, T, S] scores,
+    # bias and softmax recomputed in the backward pass): one layer's scores live at a time instead of every
+    # layer's (the CPU path's memory). A kernel keeps no such tensors: there it is "none".
+    "scores": None,
 }
 
 # attention_impl (doge_jax.model.attention_impl chooses): the XLA reference, a named Pallas kernel, the kernel

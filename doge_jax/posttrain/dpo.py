@@ -21,18 +21,17 @@ import jax.numpy as jnp
 import numpy as np
 
 from doge_jax.model.loss import IGNORE_INDEX
+from doge_jax.model.token_scores import TokenScores, token_scores
 from doge_jax.posttrain import chat, records
 from doge_jax.posttrain.sft import example_arrays
 
 LOSS_TYPES = ("sigmoid", "ipo")
 
 
-def sequence_logps(logits: jax.Array, targets: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """logits [B, T, V], targets [B, T] (−100 = not counted) → (summed log-probs [B], counted tokens [B])."""
-    valid = targets != IGNORE_INDEX
-    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-    picked = jnp.take_along_axis(logp, jnp.where(valid, targets, 0)[..., None], axis=-1)[..., 0]
-    return jnp.sum(jnp.where(valid, picked, 0.0), axis=-1), jnp.sum(valid, axis=-1)
+def sequence_logps(scores: TokenScores, targets: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Per-token scores [B, T] (doge_jax.model.token_scores), targets [B, T] (−100 = not counted) → (summed
+    log-probs [B], counted tokens [B])."""
+    return jnp.sum(scores.logp, axis=-1), jnp.sum(targets != IGNORE_INDEX, axis=-1)
 
 
 def dpo_loss(policy_chosen: jax.Array, policy_rejected: jax.Array, ref_chosen: jax.Array, ref_rejected: jax.Array,
@@ -53,22 +52,25 @@ def dpo_loss(policy_chosen: jax.Array, policy_rejected: jax.Array, ref_chosen: j
             "h": h}
 
 
-def pair_logps(model, batch: dict) -> tuple[jax.Array, jax.Array]:
-    """A batch of pairs [M, 2, T] → (summed reply log-probs [M, 2], reply tokens [M, 2])."""
+def pair_logps(model, batch: dict, *, chunk_tokens: int = 0) -> tuple[jax.Array, jax.Array]:
+    """A batch of pairs [M, 2, T] → (summed reply log-probs [M, 2], reply tokens [M, 2]); the head runs over
+    chunks of `chunk_tokens` tokens (token_scores), never holding [2M, T, V] logits."""
     M, _, T = batch["input_ids"].shape
     flat = lambda x: x.reshape(M * 2, T)  # noqa: E731  [2M, T]: chosen and rejected rows interleaved
-    out = model(flat(batch["input_ids"]), positions=flat(batch["positions"]), segment_ids=flat(batch["segment_ids"]))
-    logps, counts = sequence_logps(out.logits, flat(batch["targets"]))
+    out = model(flat(batch["input_ids"]), positions=flat(batch["positions"]), segment_ids=flat(batch["segment_ids"]),
+                head=False)
+    targets = flat(batch["targets"])
+    logps, counts = sequence_logps(token_scores(model, out.hidden, targets, chunk_tokens=chunk_tokens), targets)
     return logps.reshape(M, 2), counts.reshape(M, 2)
 
 
-def make_loss(*, beta: float, loss_type: str = "sigmoid", label_smoothing: float = 0.0):
+def make_loss(*, beta: float, loss_type: str = "sigmoid", label_smoothing: float = 0.0, loss_chunk_tokens: int = 0):
     """The trainer's loss_fn(model, batch, rng, reference=frozen model) for DPO (each pair weighs 1)."""
 
     def loss_fn(model, batch: dict, rng: jax.Array, *, reference):
         del rng
-        logps, counts = pair_logps(model, batch)
-        ref = jax.lax.stop_gradient(pair_logps(reference, batch)[0])  # [M, 2]
+        logps, counts = pair_logps(model, batch, chunk_tokens=loss_chunk_tokens)
+        ref = jax.lax.stop_gradient(pair_logps(reference, batch, chunk_tokens=loss_chunk_tokens)[0])  # [M, 2]
         if loss_type == "ipo":  # IPO compares per-token averages
             n = jnp.maximum(counts, 1).astype(jnp.float32)
             logps, ref = logps / n, ref / n

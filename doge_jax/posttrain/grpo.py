@@ -26,6 +26,7 @@ import numpy as np
 from flax import nnx
 
 from doge_jax import sampler as sampler_lib
+from doge_jax.model.token_scores import token_scores
 from doge_jax.posttrain import chat, records, rewards
 
 log = logging.getLogger("doge_jax.posttrain")
@@ -57,16 +58,16 @@ def grpo_objective(logps: jax.Array, old_logps: jax.Array, ref_logps: jax.Array,
             "tokens": jnp.sum(mask)}
 
 
-def completion_logps(model, prompt_ids, prompt_mask, tokens, lengths) -> jax.Array:
-    """log π(token) of each completion token [B, N] given its left-padded prompt [B, P]."""
+def completion_logps(model, prompt_ids, prompt_mask, tokens, lengths, *, chunk_tokens: int = 0) -> jax.Array:
+    """log π(token) of each completion token [B, N] given its left-padded prompt [B, P]; the head runs over
+    chunks of `chunk_tokens` tokens (token_scores), never holding [B, N, V] logits."""
     P, N = prompt_ids.shape[1], tokens.shape[1]
     comp_mask = (jnp.arange(N)[None, :] < lengths[:, None]).astype(jnp.int32)
     seq = jnp.concatenate([prompt_ids, tokens], axis=1)  # [B, P + N]
     seq_mask = jnp.concatenate([prompt_mask.astype(jnp.int32), comp_mask], axis=1)
     positions = jnp.where(seq_mask > 0, jnp.cumsum(seq_mask, axis=-1) - 1, 0)
-    logits = model(seq, seq_mask, positions=positions).logits[:, P - 1:P + N - 1]  # [B, N, V] predicts tokens
-    logp = jax.nn.log_softmax(logits, axis=-1)
-    return jnp.take_along_axis(logp, tokens[..., None], axis=-1)[..., 0]
+    hidden = model(seq, seq_mask, positions=positions, head=False).hidden[:, P - 1:P + N - 1]  # [B, N, D]
+    return token_scores(model, hidden, tokens, chunk_tokens=chunk_tokens).logp  # position P-1+i predicts tokens[i]
 
 
 class RewardScorer:
@@ -83,7 +84,7 @@ class RewardScorer:
 
 def make_loss(*, scorer: RewardScorer, reward_weights, group_size: int, max_new_tokens: int, stop_tokens,
               temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, clip_eps: float = 0.2,
-              kl_coef: float = 0.04):
+              kl_coef: float = 0.04, loss_chunk_tokens: int = 0):
     """The trainer's loss_fn(model, batch, rng, reference=frozen model) for GRPO. The Trainer passes the
     reference with its parameters as a (sharded) argument of the step, not as constants of the program."""
     weights = jnp.asarray(reward_weights, jnp.float32)  # [R]
@@ -109,8 +110,9 @@ def make_loss(*, scorer: RewardScorer, reward_weights, group_size: int, max_new_
         reward = scores @ weights  # [B]
         advantages = group_advantages(reward.reshape(-1, G)).reshape(B)
 
-        logps = completion_logps(model, prompt_ids, prompt_mask, tokens, lengths)
-        ref_logps = jax.lax.stop_gradient(completion_logps(reference, prompt_ids, prompt_mask, tokens, lengths))
+        logps = completion_logps(model, prompt_ids, prompt_mask, tokens, lengths, chunk_tokens=loss_chunk_tokens)
+        ref_logps = jax.lax.stop_gradient(completion_logps(reference, prompt_ids, prompt_mask, tokens, lengths,
+                                                           chunk_tokens=loss_chunk_tokens))
         mask = jnp.arange(max_new_tokens)[None, :] < lengths[:, None]
         out = grpo_objective(logps, jax.lax.stop_gradient(logps), ref_logps, advantages, mask, clip_eps=clip_eps,
                              kl_coef=kl_coef)
@@ -171,7 +173,7 @@ def make_stage(config, tokenizer):
     loss_fn = make_loss(scorer=RewardScorer(tokenizer, recs, names), reward_weights=weights,
                         group_size=g.group_size, max_new_tokens=g.max_new_tokens, stop_tokens=stops,
                         temperature=g.temperature, top_k=g.top_k, top_p=g.top_p, clip_eps=g.clip_eps,
-                        kl_coef=g.kl_coef)
+                        kl_coef=g.kl_coef, loss_chunk_tokens=config.loss_chunk_tokens)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     assembler = PromptAssembler(tokenizer, recs, max_prompt_len=g.max_prompt_len, pad_id=pad)
     return loss_fn, records.make_source(len(recs), assembler, eval_fraction=pt.eval_fraction, seed=config.seed)

@@ -22,12 +22,12 @@ from doge_jax.model.loss import IGNORE_INDEX
 from doge_jax.posttrain import chat, records
 
 
-def sft_loss(model, batch: dict, rng: jax.Array):
+def sft_loss(model, batch: dict, rng: jax.Array, *, loss_chunk_tokens: int = 0):
     """Mean cross-entropy over the assistant tokens of the micro-batch (`weight` = their count), plus the MoE
     terms when the model has them — the pretraining loss, fed rows whose non-assistant targets are −100."""
     from doge_jax.trainer.step import pretrain_loss
 
-    return pretrain_loss(model, batch, rng)
+    return pretrain_loss(model, batch, rng, loss_chunk_tokens=loss_chunk_tokens)
 
 
 def messages_of(record: dict, field: str, where: str) -> list[dict]:

@@ -19,6 +19,7 @@ so it scales with the mesh like the policy does.
 
 from __future__ import annotations
 
+import functools
 import ml_collections
 
 from doge_jax.errors import ConfigError
@@ -161,14 +162,16 @@ def trainer_kwargs(config) -> dict:
         if stage == "sft":
             from doge_jax.posttrain import sft
 
-            return {"loss_fn": sft.sft_loss, "batch_source": sft.make_source(config, tokenizer),
+            return {"loss_fn": functools.partial(sft.sft_loss, loss_chunk_tokens=config.loss_chunk_tokens),
+                    "batch_source": sft.make_source(config, tokenizer),
                     "tokenizer": tokenizer}
         frozen = {"reference": _reference(config)}
         if stage == "dpo":
             from doge_jax.posttrain import dpo
 
             loss_fn = dpo.make_loss(beta=config.dpo.beta, loss_type=config.dpo.loss_type,
-                                    label_smoothing=config.dpo.label_smoothing)
+                                    label_smoothing=config.dpo.label_smoothing,
+                                    loss_chunk_tokens=config.loss_chunk_tokens)
             return {"loss_fn": loss_fn, "batch_source": dpo.make_source(config, tokenizer), "tokenizer": tokenizer,
                     "frozen": frozen}
         from doge_jax.posttrain import grpo

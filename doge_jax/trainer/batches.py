@@ -4,7 +4,9 @@ The data is split into K shards (`config.data_shards`; 0 = one per process). A s
 A micro-batches of M rows, laid out [A, M, ...] and sharded over the mesh's batch axes along M. Shard k
 supplies rows [k·M/K, (k+1)·M/K) of every micro-batch, so the global batch — and therefore the loss — does
 not depend on how many processes read it: a 2-host run with K = 2 sees exactly the batches of a 1-host run
-with K = 2. A process reads shard k iff one of its devices holds one of those rows.
+with K = 2. A process reads shard k iff one of its devices holds one of those rows. Each shard's iterator yields
+the A·M/K rows of a whole step, whatever A is: the split into micro-batches only regroups them (`resplit`), so a
+run resumed with another A reads the same rows at every step.
 
 A batch source is `make(split, shard_index, shard_count, rows, num_batches) -> iterator` of dicts of numpy
 arrays [rows, ...]; the iterator's get_state()/set_state() make resume exact.
@@ -51,17 +53,38 @@ class ShardedBatches:
         self.my_shards = owners.get(jax.process_index(), [])
         # The lowest process reading a shard is the one whose iterator state the checkpoint keeps.
         self.writer = {k: min(p for p, ks in owners.items() if k in ks) for k in range(num_shards)}
+        self._owners = owners
         self.iterators = {k: source(split=split, shard_index=k, shard_count=num_shards,
                                     rows=num_micro * self.per_shard, num_batches=num_batches)
                           for k in self.my_shards}
+        self._peeked: dict | None = None  # the next step's rows, read by peek_spec() and not yet returned
 
     def __iter__(self):
         return self
 
+    def peek_spec(self) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+        """{name: (shape after the row axis, dtype)} of the next batch, which a later next() still returns."""
+        if self._peeked is None:
+            self._peeked = {k: next(it) for k, it in self.iterators.items()}
+        sample = next(iter(self._peeked.values()))
+        return {name: (tuple(np.shape(x)[1:]), np.asarray(x).dtype) for name, x in sample.items()}
+
+    def resplit(self, num_micro: int) -> None:
+        """The same rows per step in num_micro micro-batches (the iterators are untouched)."""
+        total = self.num_micro * self.rows
+        rows = total // num_micro
+        if num_micro * rows != total or rows % self.num_shards \
+                or shard_owners(self.sharding, rows, self.num_shards) != self._owners:
+            raise ValueError(f"cannot split {total} rows into {num_micro} micro-batches over {self.num_shards} "
+                             "data shards and this mesh")
+        self.num_micro, self.rows, self.per_shard = num_micro, rows, rows // self.num_shards
+
     def __next__(self) -> dict[str, jax.Array]:
+        pulled, self._peeked = self._peeked, None
+        if pulled is None:
+            pulled = {k: next(it) for k, it in self.iterators.items()}
         local = {}
-        for k, it in self.iterators.items():
-            batch = next(it)
+        for k, batch in pulled.items():
             local[k] = {name: np.asarray(x).reshape((self.num_micro, self.per_shard) + np.shape(x)[1:])
                         for name, x in batch.items()}
         names = next(iter(local.values())).keys()

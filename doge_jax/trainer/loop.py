@@ -33,7 +33,7 @@ from doge_jax import checkpoint as ckpt, storage
 from doge_jax.kernels import target
 from doge_jax.model import decoder as model_lib
 from doge_jax.parallel import sharding as sh
-from doge_jax.trainer import checkpointing, flops, metrics, optim, step as step_lib, validate
+from doge_jax.trainer import checkpointing, fit, flops, metrics, optim, step as step_lib, validate
 from doge_jax.trainer.batches import BatchSource, ShardedBatches, microbatch_sharding
 from doge_jax.trainer.mesh import data_parallel_size, make_mesh
 from doge_jax.trainer.validate import ConfigError
@@ -43,6 +43,14 @@ PREEMPTED_EXIT_CODE = 143  # 128 + SIGTERM: schedulers read it as "killed", so a
 
 class TrainingDiverged(RuntimeError):
     """A non-finite loss or gradient norm; the message names the last good checkpoint."""
+
+
+class OutOfMemory(RuntimeError):
+    """A step ran out of device memory anyway: one line with the measured peak, the limit and an N that fits."""
+
+
+def _is_out_of_memory(e: Exception) -> bool:
+    return isinstance(e, jax.errors.JaxRuntimeError) and "RESOURCE_EXHAUSTED" in str(e)
 
 
 def _data_error(e: ValueError) -> ConfigError:
@@ -84,7 +92,8 @@ class Trainer:
         parameters loaded sharded by the policy's rules and passed to the jitted step as an argument."""
         self.config = config
         self.workdir = str(storage.path(workdir, field="--workdir"))  # a gs:// URL stays one
-        self.loss_fn = loss_fn or functools.partial(step_lib.pretrain_loss, z_loss_coef=config.z_loss_coef)
+        self.loss_fn = loss_fn or functools.partial(step_lib.pretrain_loss, z_loss_coef=config.z_loss_coef,
+                                                    loss_chunk_tokens=config.loss_chunk_tokens)
         self._batch_source, self.tokenizer, self._mesh = batch_source, tokenizer, mesh
         self._frozen_paths = dict(frozen or {})
         validate.check(config, validate.model_config(config.model))
@@ -165,14 +174,21 @@ class Trainer:
             self._batch_source = pretrain_source(cfg, self.tokenizer)
         self.model_cfg = self._model_config(self.start_kind, self.start_ref)
 
-        self.num_micro = cfg.grad_accum_steps
-        self.micro_rows = cfg.batch_size // cfg.grad_accum_steps
         saved_shards = self.saved_meta["data_shards"] if self.saved_meta else None
         self.data_shards = cfg.data_shards or saved_shards or jax.process_count()
         if saved_shards is not None and self.data_shards != saved_shards:
             raise ConfigError(f"config.data_shards={cfg.data_shards} but the checkpoint was written with "
                               f"{saved_shards} data shards; keep it (or 0) to resume the same data stream")
-        validate.check_parallelism(cfg, data_parallel=data_parallel_size(self.mesh), data_shards=self.data_shards)
+        self.data_parallel = data_parallel_size(self.mesh)
+        self.row_multiple = validate.check_parallelism(cfg, data_parallel=self.data_parallel,
+                                                       data_shards=self.data_shards)
+        # "auto": provisional until _fit_step() has compiled the step (the data is checked with this split first;
+        # a step's rows do not depend on the split, batches.ShardedBatches.resplit).
+        self.auto_micro = cfg.grad_accum_steps == "auto"
+        self.num_micro = (fit.candidates(cfg.batch_size, self.row_multiple)[0] if self.auto_micro
+                          else cfg.grad_accum_steps)
+        self.micro_rows = cfg.batch_size // self.num_micro
+        self.fit_choice = None
 
         # The model split once: graphdef (static), abstract params, other state (RNG streams, when dropout).
         train_model = model_lib.abstract_model(self.model_cfg)
@@ -299,12 +315,13 @@ class Trainer:
         cfg = self.config
         self._setup()
         batches = self._train_batches()
+        self._compile_steps()
+        self._fit_step(batches)  # before anything is written: a step that cannot fit stops the run here
         self.checkpointer = checkpointing.Checkpointer(self.workdir, keep=cfg.checkpoint.keep,  # creates WORKDIR
                                                        async_save=cfg.checkpoint.async_save)
         self._save_tokenizer()
         state = self._start_state()
         self.frozen_params = self._load_frozen()
-        self._compile_steps()
         run = _RunState(start=int(state["step"]), last_saved=None)
         run.last_saved = run.start if self.start_kind == "resume" else None
         self._open_log(run)
@@ -325,12 +342,26 @@ class Trainer:
                 except StopIteration:
                     self.log.info(f"the training data ran out after step {step}")
                     break
+                except jax.errors.JaxRuntimeError as e:
+                    if _is_out_of_memory(e):
+                        raise self._out_of_memory(step + 1, run) from None
+                    raise
                 run.stopped = self._should_stop(step)
-                self._eval_and_checkpoint(state, step, batches, run)
+                try:
+                    self._eval_and_checkpoint(state, step, batches, run)
+                except jax.errors.JaxRuntimeError as e:  # a step's error surfaces when its metrics are read
+                    if _is_out_of_memory(e):
+                        raise self._out_of_memory(step, run) from None
+                    raise
                 if run.stopped:
                     break
             if run.pending is not None:
-                self._log(self._record(*run.pending, run), run, force=True)
+                try:
+                    self._log(self._record(*run.pending, run), run, force=True)
+                except jax.errors.JaxRuntimeError as e:
+                    if _is_out_of_memory(e):
+                        raise self._out_of_memory(step, run) from None
+                    raise
             if run.last_saved != step:
                 self._checkpoint(state, step, batches, run)
             self.checkpointer.close()
@@ -375,6 +406,71 @@ class Trainer:
                     out_shardings=self.replicated), self.mesh)
         self.eval_step = lambda params, batch: eval_step(params, batch, self.frozen_params)
 
+    def _abstract_step_inputs(self, batch: dict) -> tuple[dict, dict, dict]:
+        """(state, batch, frozen params) as ShapeDtypeStructs with the run's shardings; batch {name: [A, M, ...]}."""
+        key_data = jax.eval_shape(lambda: jax.random.key_data(jax.random.key(0)))
+        state = {"params": _sds(self.abstract_params, self.param_sharding),
+                 "opt_state": _sds(self.abstract_opt, self.state_sharding["opt_state"]),
+                 "step": jax.ShapeDtypeStruct((), jnp.int32, sharding=self.replicated),
+                 "rng": jax.ShapeDtypeStruct(key_data.shape, key_data.dtype, sharding=self.replicated)}
+        batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=self.batch_sharding) for k, v in batch.items()}
+        return state, batch, _sds(self.frozen_abstract, self.frozen_sharding)
+
+    def _compile_at(self, num_micro: int, names_dtypes: dict):
+        """The train step compiled ahead of time for num_micro micro-batches of the global batch."""
+        cfg = self.config
+        shape = (num_micro, cfg.batch_size // num_micro)
+        batch = {k: jax.ShapeDtypeStruct(shape + tail, dtype) for k, (tail, dtype) in names_dtypes.items()}
+        with jax.set_mesh(self.mesh):
+            return self.jitted_train_step.lower(*self._abstract_step_inputs(batch)).compile()
+
+    def _fit_step(self, batches: ShardedBatches) -> None:
+        """Compiles the step before step 1 (the executable the run then uses) and, with grad_accum_steps "auto",
+        chooses the fewest micro-batches whose step fits the device (doge_jax/trainer/fit.py); one line says
+        what and why. Raises ConfigError when nothing fits."""
+        cfg = self.config
+        sample = batches.peek_spec()  # name → (per-row shape after the row axis, dtype)
+        self.memory = fit.device_memory(self.mesh.devices.flat, cfg.memory_limit_gb)
+        compile_step = lambda a: self._compile_at(a, sample)  # noqa: E731
+        try:
+            if self.auto_micro:
+                choice = fit.choose(compile_step, batch_size=cfg.batch_size, row_multiple=self.row_multiple,
+                                    memory=self.memory, data_parallel=self.data_parallel)
+            else:
+                compiled = compile_step(self.num_micro)
+                peak = fit.step_peak(compiled)
+                choice = fit.Choice(self.num_micro, peak, compiled, {self.num_micro: peak}, fit.step_fixed(compiled))
+        except fit.DoesNotFit as e:
+            raise ConfigError(str(e), field="grad_accum_steps") from None
+        self.fit_choice = choice
+        if choice.num_micro != self.num_micro:
+            self.num_micro, self.micro_rows = choice.num_micro, cfg.batch_size // choice.num_micro
+            batches.resplit(self.num_micro)
+        line = fit.describe(choice, batch_size=cfg.batch_size, data_parallel=self.data_parallel,
+                            memory=self.memory, auto=self.auto_micro)
+        if choice.peak > self.memory.usable:
+            line += "; over the usable memory: config.grad_accum_steps='auto' chooses a count that fits"
+        if jax.process_index() == 0:
+            print(line, flush=True)
+        compiled = choice.compiled
+        self.train_step = lambda state, batch: compiled(state, batch, self.frozen_params)
+
+    def _out_of_memory(self, step: int, run: "_RunState") -> OutOfMemory:
+        """The one line for a step that ran out of device memory; the last checkpoint is left as it was."""
+        cfg = self.config
+        self.checkpointer.wait()
+        good = (f"{self.checkpointer.root}/{run.last_saved}" if run.last_saved is not None
+                else "none written yet")
+        peak = self.fit_choice.peak
+        n = fit.suggest(self.fit_choice, cfg.batch_size, self.row_multiple, self.memory.limit)
+        fix = (f"rerun with --config.grad_accum_steps={n}" if n is not None else
+               "rerun on more devices (config.mesh), with config.model.remat_policy='attention' or 'full', or a "
+               "shorter config.seq_len")
+        return OutOfMemory(f"out of device memory in step {step} with {self.num_micro} micro-batches: the compiled "
+                           f"step needs {fit.gb(peak)} GB per device and the device has "
+                           f"{fit.gb(self.memory.limit)} GB ({self.memory.source}); {fix} (it resumes from "
+                           f"the last checkpoint, untouched: {good})")
+
     def lower_train_step(self, batch: dict, *, platform: str | None = None) -> jax.stages.Lowered:
         """The run set up (no data read, no state allocated) and its train step lowered for abstract inputs:
         batch {name: ShapeDtypeStruct [A, M, ...]} (global shapes; placed like real batches). Compile it for the
@@ -383,13 +479,7 @@ class Trainer:
         (doge_jax.kernels.target), so what comes out is what a run there compiles (doge_jax.trainer.lowering)."""
         self._setup()
         self._compile_steps()
-        key_data = jax.eval_shape(lambda: jax.random.key_data(jax.random.key(0)))
-        state = {"params": _sds(self.abstract_params, self.param_sharding),
-                 "opt_state": _sds(self.abstract_opt, self.state_sharding["opt_state"]),
-                 "step": jax.ShapeDtypeStruct((), jnp.int32, sharding=self.replicated),
-                 "rng": jax.ShapeDtypeStruct(key_data.shape, key_data.dtype, sharding=self.replicated)}
-        batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=self.batch_sharding) for k, v in batch.items()}
-        frozen = _sds(self.frozen_abstract, self.frozen_sharding)
+        state, batch, frozen = self._abstract_step_inputs(batch)
         if platform is None:
             with jax.set_mesh(self.mesh):
                 return self.jitted_train_step.lower(state, batch, frozen)
@@ -497,7 +587,7 @@ class Trainer:
         return (f"Doge {n_params / 1e6:.2f}M params ({m.num_hidden_layers} layers, hidden {m.hidden_size}, "
                 f"{m.dtype} compute) | {self.mesh.devices.size} {self.mesh.devices.flat[0].platform} devices "
                 f"[{mesh}] x {jax.process_count()} process(es) | batch {cfg.batch_size} x {cfg.seq_len} "
-                f"({tokens_per_step:,} tokens/step, {cfg.grad_accum_steps} micro-batches, {self.data_shards} data "
+                f"({tokens_per_step:,} tokens/step, {self.num_micro} micro-batches, {self.data_shards} data "
                 f"shards) | {flops_per_token / 1e6:.1f} MFLOP/token | {origin} -> step {cfg.total_steps} | "
                 f"{self.workdir}")
 

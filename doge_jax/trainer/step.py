@@ -26,21 +26,25 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from doge_jax.model.loss import token_cross_entropy
+from doge_jax.model.token_scores import cross_entropy_sums, token_scores
 
 LossFn = Callable[..., tuple[jax.Array, dict]]  # (model, batch, rng, **frozen models) -> (loss, metrics)
 FrozenDefs = dict[str, tuple[Any, Any]]  # loss_fn keyword -> (graphdef, non-Param state) of a frozen model
 WEIGHT = "weight"
 
 
-def pretrain_loss(model, batch: dict, rng: jax.Array, *, z_loss_coef: float = 0.0) -> tuple[jax.Array, dict]:
+def pretrain_loss(model, batch: dict, rng: jax.Array, *, z_loss_coef: float = 0.0,
+                  loss_chunk_tokens: int = 0) -> tuple[jax.Array, dict]:
     """Next-token cross-entropy over packed rows (+ optional logit z-loss, MoE load-balancing and router z-loss).
 
-    batch: input_ids, targets (−100 = no loss), segment_ids (0 = padding), positions, each int32 [M, T]."""
+    batch: input_ids, targets (−100 = no loss), segment_ids (0 = padding), positions, each int32 [M, T].
+    The head runs over chunks of `loss_chunk_tokens` tokens (doge_jax.model.token_scores: 0 = about 2^26 logits
+    per chunk, -1 = all at once), so the [M, T, V] logits are never held."""
     del rng  # dropout, when configured, draws from the model's own streams (reseeded per step)
     cfg = model.cfg
-    out = model(batch["input_ids"], positions=batch["positions"], segment_ids=batch["segment_ids"])
-    nll_sum, count, lse_sq_sum = token_cross_entropy(out.logits, batch["targets"])
+    out = model(batch["input_ids"], positions=batch["positions"], segment_ids=batch["segment_ids"], head=False)
+    scores = token_scores(model, out.hidden, batch["targets"], chunk_tokens=loss_chunk_tokens)
+    nll_sum, count, lse_sq_sum = cross_entropy_sums(scores, batch["targets"])
     n = jnp.maximum(count, 1).astype(jnp.float32)
     ce = nll_sum / n
     loss = ce

@@ -6,6 +6,7 @@ Everything here raises `ConfigError` (a ValueError); the entry point prints it w
 from __future__ import annotations
 
 import dataclasses
+import math
 
 from doge_jax.errors import ConfigError
 from doge_jax.model import config as config_lib
@@ -63,8 +64,18 @@ def _in_range(name: str, value, lo: float, hi: float, *, lo_open=False, hi_open=
 
 def check(config, model_cfg: DogeConfig) -> None:
     """The run-level checks (batch, schedule, optimizer, intervals, sequence length)."""
-    for name in ("total_steps", "batch_size", "seq_len", "grad_accum_steps", "log_every", "eval_batches"):
+    for name in ("total_steps", "batch_size", "seq_len", "log_every", "eval_batches"):
         _positive_int(name, config[name])
+    if config.grad_accum_steps != "auto":
+        if not isinstance(config.grad_accum_steps, int) or isinstance(config.grad_accum_steps, bool) \
+                or config.grad_accum_steps < 1:
+            raise ConfigError(f"config.grad_accum_steps={config.grad_accum_steps!r} must be 'auto' (the fewest "
+                              "micro-batches that fit the device) or a positive integer")
+    if config.memory_limit_gb < 0:
+        raise ConfigError(f"config.memory_limit_gb={config.memory_limit_gb} must be >= 0 (0 = the device's memory)")
+    if not isinstance(config.loss_chunk_tokens, int) or config.loss_chunk_tokens < -1:
+        raise ConfigError(f"config.loss_chunk_tokens={config.loss_chunk_tokens!r} must be a positive integer, 0 "
+                          "(about 2^26 logits per chunk) or -1 (the whole batch's logits at once)")
     for name in ("eval_every", "data_shards", "checkpoint.every_steps", "checkpoint.keep", "schedule.warmup_steps"):
         group, _, field = name.rpartition(".")
         _non_negative_int(name, (config[group] if group else config)[field])
@@ -73,7 +84,7 @@ def check(config, model_cfg: DogeConfig) -> None:
     if config.seq_len > model_cfg.max_position_embeddings:
         raise ConfigError(f"config.seq_len={config.seq_len} exceeds config.model.max_position_embeddings="
                           f"{model_cfg.max_position_embeddings}")
-    if config.batch_size % config.grad_accum_steps:
+    if config.grad_accum_steps != "auto" and config.batch_size % config.grad_accum_steps:
         raise ConfigError(f"config.batch_size={config.batch_size} is not divisible by "
                           f"config.grad_accum_steps={config.grad_accum_steps}")
     opt = config.optimizer
@@ -107,8 +118,17 @@ def check(config, model_cfg: DogeConfig) -> None:
         _positive_int("profile.num_steps", config.profile.num_steps)
 
 
-def check_parallelism(config, *, data_parallel: int, data_shards: int) -> None:
-    """The micro-batch must split evenly over the data-parallel devices and over the data shards."""
+def check_parallelism(config, *, data_parallel: int, data_shards: int) -> int:
+    """The micro-batch must split evenly over the data-parallel devices and over the data shards. Returns the
+    multiple every micro-batch's rows must be (what grad_accum_steps "auto" may choose from)."""
+    row_multiple = math.lcm(data_parallel, data_shards)
+    if config.grad_accum_steps == "auto":
+        if config.batch_size % row_multiple:
+            raise ConfigError(
+                f"config.batch_size={config.batch_size} is not divisible by the {data_parallel} data-parallel "
+                f"devices (config.mesh data × fsdp × expert) and {data_shards} data shards: it must be a multiple "
+                f"of {row_multiple}")
+        return row_multiple
     micro = config.batch_size // config.grad_accum_steps
     if micro % data_parallel:
         raise ConfigError(
@@ -120,3 +140,4 @@ def check_parallelism(config, *, data_parallel: int, data_shards: int) -> None:
             f"config.batch_size={config.batch_size} / config.grad_accum_steps={config.grad_accum_steps} = "
             f"{micro} rows per micro-batch, not divisible by {data_shards} data shards (config.data_shards, "
             "0 = one per process)")
+    return row_multiple
