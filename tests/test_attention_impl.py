@@ -64,6 +64,19 @@ def test_auto_falls_back_with_the_reason():
         attention_impl.choose("pallas_gpu", q[:, :1], k, dt, decoding, backend="gpu")
 
 
+def test_auto_takes_the_reference_for_float32_on_a_gpu_and_a_named_kernel_still_runs_it():
+    """The fp32 kernel spills tens of KB of registers per thread on sm_90 (benchmarks/gpu_compile_table.py):
+    "auto" takes the XLA reference for it, with the reason; bf16 gets the kernel; naming the kernel keeps it."""
+    q, k, dt = _qkd()
+    mask = MaskSpec(keep_window_size=8)
+    got = attention_impl.choose("auto", q, k, dt, mask, backend="gpu")
+    assert got.impl == "xla" and got.reason.startswith("pallas_gpu cannot run float32 q/k/v on a GPU"), got
+    bf16 = attention_impl.choose("auto", q.astype(jnp.bfloat16), k.astype(jnp.bfloat16), dt, mask, backend="gpu")
+    assert bf16.impl == "pallas_gpu"
+    assert attention_impl.choose("pallas_gpu", q, k, dt, mask, backend="gpu").impl == "pallas_gpu"
+    assert attention_impl.choose("auto", q, k, dt, mask, backend="tpu").impl == "pallas_tpu"  # TPU: no such limit
+
+
 def test_auto_logs_each_layer_once(caplog):
     attention_impl._LOGGED.clear()
     model = doge_jax.build(CFG.replace(attention_impl="auto"))

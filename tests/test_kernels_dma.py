@@ -132,6 +132,17 @@ def test_refuses_decoding_offsets_in_one_line():
         jax.jit(lambda off: dma_pallas(q, k, v, dt, q_offset=off, **kw))(jnp.int32(20))
 
 
+@pytest.mark.parametrize("cast", ["k", "v"])
+def test_refuses_mixed_qkv_dtypes_in_one_line(cast):
+    """Triton's dot takes one input type: mixed q/k/v dtypes are refused before anything is traced, as on TPU."""
+    (q, k, v, dt), _ = _inputs(8, B=1, T=16, S=16, N=2, K=1, G=1, H=16)
+    q = q.astype(jnp.bfloat16)
+    k, v = (k, v.astype(jnp.bfloat16)) if cast == "k" else (k.astype(jnp.bfloat16), v)
+    with pytest.raises(ValueError, match=r"^dma_pallas_gpu: q/k/v dtypes bfloat16/\w+/\w+ must be equal: cast") as e:
+        dma_pallas(q, k, v, dt, scale=0.25, keep_window_size=8)
+    assert "\n" not in str(e.value) and "float32" in str(e.value)
+
+
 def test_bfloat16_inputs():
     """bf16 q/k/v (the training dtype): fp32 scores and softmax, probabilities rounded to bf16 before p·v."""
     shapes = dict(B=1, T=130, S=130, N=4, K=2, G=2, H=64)
@@ -142,3 +153,30 @@ def test_bfloat16_inputs():
     ref = reference(q, k, v, dt, **kw)
     assert out.dtype == jnp.bfloat16
     np.testing.assert_allclose(out.astype(jnp.float32), ref.astype(jnp.float32), atol=3e-2, rtol=0)
+
+
+@pytest.mark.parametrize("walk", ["dense", "sparse"])
+def test_the_tile_table_is_what_runs_and_matches_the_reference(walk):
+    """gpu_tiles.TABLE's head-dim-128 tiles (what every preset runs on a GPU: 64 rows × 64 keys dense, 128 rows
+    × 32 keys on the sparse walk) are the defaults, and give the reference's output and gradients."""
+    from doge_jax.kernels import gpu_dma, gpu_tiles
+
+    w = 48 if walk == "sparse" else 256
+    mask = MaskSpec(keep_window_size=w)
+    sparse = gpu_dma._sparse_walk(mask, 200, None)
+    assert sparse == (walk == "sparse")
+    tiles = gpu_tiles.TABLE[128, walk]
+    assert gpu_dma._tiles(4, 2, 128, sparse, None, None, None, None) == (
+        tiles.rows // 2, tiles.block_k, tiles.num_warps, tiles.num_stages, tiles.dkv_warps or tiles.num_warps)
+    assert gpu_dma._tiles(4, 2, 128, sparse, 8, 16, 2, 1) == (8, 16, 2, 1, 2)  # the caller's tiles win
+    args, do = _inputs(7, B=1, T=200, S=200, N=4, K=2, G=2, H=128)
+    _check(args, do, dict(keep_window_size=w, scale=128**-0.5), {})
+
+
+def test_tile_table_lookup_falls_back_to_the_nearest_head_dim():
+    from doge_jax.kernels import gpu_tiles
+
+    assert gpu_tiles.choose(32, sparse=False) == gpu_tiles.TABLE[64, "dense"]
+    assert gpu_tiles.choose(96, sparse=True) == gpu_tiles.TABLE[128, "sparse"]
+    assert gpu_tiles.choose(512, sparse=False) == gpu_tiles.TABLE[256, "dense"]
+    assert gpu_tiles.Tiles(64, 64, 4, 2).block_q(128) == 1

@@ -55,7 +55,7 @@ class _Dma:
 
 
 dma = _Dma()
-_KERNEL_KW = ("interpret", "block_q", "block_k")
+_KERNEL_KW = ("interpret", "block_q", "block_k", "sparse", "chunk")
 
 
 def dma_pallas_tpu(q, k, v, dt, *, scale, **kw):
@@ -177,33 +177,31 @@ def test_bfloat16_inputs():
         assert kernel_err <= 2 * ref_err + 2e-2, name
 
 
-def test_block_tables_cover_every_allowed_pair_and_skip_the_rest():
-    """The scalar-prefetched walks visit every (query tile, key block) pair holding an allowed (row, key), in
-    both directions, and skip some pairs when the window, causality or the padding leave them empty."""
-    B, T, S, bq, bk, window, offset = 2, 700, 900, 64, 128, 200, 150
+def test_band_tables_cover_every_allowed_pair_and_skip_the_rest():
+    """The band walk's tables (read from SMEM) visit every (query tile, key block) pair holding an allowed
+    (row, key), in both directions, and skip some pairs when the window, causality or the padding leave them empty."""
+    B, K, T, S, bq, bk, window, offset = 2, 2, 700, 900, 64, 128, 200, 150
     kv_mask = (jnp.arange(S)[None, :] >= jnp.array([[0], [300]])) & (jnp.arange(S)[None, :] < 850)
     allowed = dma.attention_mask(B, T, S, q_offset=offset, kv_mask=kv_mask, sliding_window=window)
     s_pad = -(-S // bk) * bk
     valid = jnp.pad(kv_mask, ((0, 0), (0, s_pad - S)))
-    tables, steps = tpu_dma._block_tables(b=B, t=T, s=S, offset=offset, block_q=bq, block_k=bk,
-                                          sliding_window=window, valid=valid)
+    tables, pairs = tpu_dma._band_tables(b=B, kh=K, t=T, s=S, offset=offset, block_q=bq, block_k=bk,
+                                         sliding_window=window, valid=valid)
     n_q, n_kb = -(-T // bq), s_pad // bk
     padded = np.zeros((B, n_q * bq, s_pad), bool)
     padded[:, :T, :S] = np.asarray(allowed)
-    needed = padded.reshape(B, n_q, bq, n_kb, bk).any(axis=(2, 4))  # [B, n_q, n_kb]
+    needed = padded.reshape(B, n_q, bq, n_kb, bk).any(axis=(2, 4))[:, None]  # [B, 1, n_q, n_kb]
 
     def visited(lo, n, outer, inner):
-        lo, n = np.asarray(lo).reshape(B, outer), np.asarray(n).reshape(B, outer)
+        lo, n = np.asarray(lo).reshape(B, K, outer), np.asarray(n).reshape(B, K, outer)
         idx = np.arange(inner)
         return (idx >= lo[..., None]) & (idx < (lo + n)[..., None])
 
-    fwd = visited(tables["kv_lo"], tables["kv_n"], n_q, n_kb)  # [B, n_q, n_kb]
-    dkv = visited(tables["q_lo"], tables["q_n"], n_kb, n_q).transpose(0, 2, 1)
+    fwd = visited(tables["run_lo"], tables["run_n"], n_q, n_kb)  # [B, K, n_q, n_kb]
+    dkv = visited(tables["q_lo"], tables["q_n"], n_kb, n_q).transpose(0, 1, 3, 2)
     assert not (needed & ~fwd).any() and not (needed & ~dkv).any()
     assert fwd.sum() < fwd.size and dkv.sum() < dkv.size
-    assert steps["kv_steps"] < n_kb and steps["q_steps"] < n_q  # the walked grid axes are shorter than the rows
-    assert int(np.asarray(tables["kv_n"]).max()) <= steps["kv_steps"]
-    assert int(np.asarray(tables["q_n"]).max()) <= steps["q_steps"]
+    assert fwd[:, 0].sum() <= pairs["fwd_pairs"] and dkv[:, 0].sum() <= pairs["dkv_pairs"]  # the static bound
 
 
 def test_unsupported_inputs_are_named():

@@ -1,13 +1,52 @@
 """What both kernels' entry points compute around their Pallas calls, in plain XLA: the per-row top-k thresholds
-(and the GPU kernel's sparse walk plan), and the reference's output for rows with no allowed key."""
+(and the GPU kernel's sparse walk plan), the reference's output for rows with no allowed key, and the key
+permutation of a sparse walk (`permute_keys`: the TPU entry uses it; gpu_dma keeps its own copy, `_permute`)."""
 
 from __future__ import annotations
 
+import functools
+
+import functools
+
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 from doge_jax.kernels import topk as _topk
 from doge_jax.model.mask import MaskSpec
+from doge_jax.model.options import ATTENTION_LSE, ATTENTION_OUT
+
+
+def with_kernel_backward(forward, backward, cfg, q, k, v, dt, meta):
+    """(o, lse) of a DMA kernel, differentiable in q, k, v and dt; both kernels (GPU, TPU) are wired this way.
+
+    forward(cfg, q, k, v, dt, meta) → (o, lse): the forward kernel as a jit call; backward(cfg, q, k, v, dt, meta,
+    o, lse, do) → (dq, dk, dv, ddt): the backward kernels. The forward runs outside any custom_vjp, its outputs
+    named for remat policies (`remat_policy="attention"` saves ATTENTION_OUT and ATTENTION_LSE), and `_attach`
+    hands them to the backward as inputs. So under that remat the forward kernel runs once per layer: a
+    custom_vjp whose own forward rule ran the kernel runs it twice (once for the primal, once for the residuals),
+    and a remat recompute nobody reads is dropped only as a jit call (jax keeps a bare pallas_call)."""
+    o, lse = forward(cfg, *jax.lax.stop_gradient((q, k, v, dt, meta)))
+    o, lse = checkpoint_name(o, ATTENTION_OUT), checkpoint_name(lse, ATTENTION_LSE)
+    return _attach(cfg, backward, q, k, v, dt, meta, o, lse), lse
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _attach(cfg, backward, q, k, v, dt, meta, o, lse):
+    """o, differentiable in q, k, v and dt by `backward` (o and lse: the forward's, not differentiated)."""
+    return o
+
+
+def _attach_fwd(cfg, backward, q, k, v, dt, meta, o, lse):
+    return o, (q, k, v, dt, meta, o, lse)
+
+
+def _attach_bwd(cfg, backward, res, do):
+    dq, dk, dv, ddt = backward(cfg, *res, do)
+    return dq, dk, dv, ddt.astype(res[3].dtype), None, None, None
+
+
+_attach.defvjp(_attach_fwd, _attach_bwd)
 
 
 def uniform_rows(q, k, v, scale):
@@ -64,3 +103,32 @@ def check_layout(kernel: str, q: jax.Array, k: jax.Array, v: jax.Array, dt: jax.
             or k.shape[3] != h:
         raise ValueError(f"{kernel}: q {q.shape}, k {k.shape}, v {v.shape}, dt {dt.shape}: expected q [B,T,N,H], "
                          "k/v [B,S,K,H] with N a multiple of K, dt [B,G,S] with G = K or N")
+
+
+def inverse_permutation(perm: jax.Array) -> jax.Array:
+    """perm [B, K, S] → its inverse, by a scatter (a second argsort costs XLA:TPU seconds of compile at 16k keys)."""
+    b, kh, s = perm.shape
+    slots = jnp.broadcast_to(jnp.arange(s, dtype=perm.dtype), perm.shape)
+    return jnp.zeros_like(perm).at[jnp.arange(b)[:, None, None], jnp.arange(kh)[None, :, None], perm].set(slots)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def permute_keys(x, perm, inverse, axis):
+    """x gathered along `axis` (2 or 3) by perm [B, K, S]; its transpose is the gather by `inverse` (no scatter-add)."""
+    return _take_keys(x, perm, axis)
+
+
+def _take_keys(x, idx, axis):
+    idx = jnp.expand_dims(idx, tuple(range(3, x.ndim))) if axis == 2 else idx[:, :, None, :]
+    return jnp.take_along_axis(x, idx, axis=axis)
+
+
+def _permute_keys_fwd(x, perm, inverse, axis):
+    return _take_keys(x, perm, axis), inverse
+
+
+def _permute_keys_bwd(axis, inverse, g):
+    return _take_keys(g, inverse, axis), None, None
+
+
+permute_keys.defvjp(_permute_keys_fwd, _permute_keys_bwd)

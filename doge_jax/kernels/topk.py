@@ -132,3 +132,111 @@ def sparse_plan(
     # ntab[i, c] = #{s ∈ c : exit[s] > i}
     ntab = jnp.flip(jnp.cumsum(jnp.flip(hist, -1), axis=-1), -1)[..., 1:]  # [B, K, n_chunks, n_q_tiles]
     return perm, jnp.swapaxes(ntab, -1, -2), tile_exit
+
+
+# --- the TPU kernel's block walk: which key blocks each query tile visits ------------------------------------------
+#
+# A key s is needed by query tile i iff some row p of the tile may see it and keeps it (dt[s] ≥ thr[p]). For every
+# mask the kernel takes, the tiles needing s lie inside one interval [enter[s], exit[s]) (empty when exit ≤ enter:
+# no row ever keeps s). `walk_plan` lays the keys out so that the keys a tile needs share few key blocks, and
+# describes each walk by block counts that the kernels read from SMEM.
+
+
+def prefix_key_intervals(dtm: jax.Array, thr: jax.Array, *, q_offset: int, q_len: int, block_q: int,
+                         ) -> tuple[jax.Array, jax.Array]:
+    """Causal / padding masks: the exact tile interval of every key.
+
+    dtm [B, K, Gr, S] (−inf for a key that is not there), thr [B, K, Gr, T_p] per query row (non-decreasing: the
+    w-th largest of a growing prefix). Returns enter, exit [B, K, S] int32.
+    The first row that may keep key s is p* = max(s, q_offset), the best one since thr never decreases; if it does
+    not keep s, no row does. Otherwise s is needed from p*'s tile to the last tile whose first row keeps it, and
+    the first rows' thresholds are sorted, so that is one searchsorted.
+    """
+    n_tiles = -(-q_len // block_q)
+    s = dtm.shape[-1]
+    pos = jnp.arange(s)
+    row = jnp.maximum(pos - q_offset, 0)  # row index of p*
+    visible = pos < q_offset + q_len
+    own_thr = jnp.take(thr, jnp.minimum(row, q_len - 1), axis=-1)  # [B, K, Gr, S]
+    kept = visible & (dtm > NEG_INF) & (dtm >= own_thr)
+    thr_first = thr[..., : n_tiles * block_q : block_q]  # [B, K, Gr, n_tiles], non-decreasing
+    search = jnp.vectorize(lambda a, v: jnp.searchsorted(a, v, side="right"), signature="(n),(s)->(s)")
+    last = search(thr_first, dtm)  # tiles whose first row keeps s
+    exit_ = jnp.where(kept, last, 0).max(axis=2).astype(jnp.int32)
+    enter = jnp.where(kept.any(axis=2), row // block_q, n_tiles).astype(jnp.int32)
+    return enter, exit_
+
+
+def general_key_intervals(dt_w: jax.Array, thr: jax.Array, valid: jax.Array, mask: MaskSpec, *, q_len: int,
+                          block_q: int) -> tuple[jax.Array, jax.Array]:
+    """Any mask (segments, sliding window): enter, exit [B, K, S] int32 spanning every tile that needs each key.
+
+    dt_w [B, K, Gr, S] fp32, thr [B, K, Gr, T_p], valid [B, S]. One pass over the query tiles, each testing its
+    rows against every key: O(T·S) work, like `general_thresholds` before it. enter = first tile needing the key,
+    exit = 1 + the last (a superset of the needing tiles when segments are not contiguous runs).
+    """
+    b, kh, _, s = dt_w.shape
+    n_tiles = -(-q_len // block_q)
+    offset = mask.static_offset
+    qseg = kseg = None
+    if mask.q_segment_ids is not None:
+        qseg = jnp.pad(mask.q_segment_ids, ((0, 0), (0, n_tiles * block_q - q_len)))
+        kseg = jnp.pad(mask.kv_segment_ids, ((0, 0), (0, s - mask.kv_segment_ids.shape[1])))
+    pos = jnp.arange(s)
+
+    def step(carry, i):
+        enter, exit_ = carry
+        t = i * block_q + jnp.arange(block_q)
+        p = offset + t  # [bq]
+        allowed = (pos[None, :] <= p[:, None]) & (t < q_len)[:, None] & valid[:, None, :]  # [B, bq, S]
+        if mask.sliding_window is not None:
+            allowed &= pos[None, :] > p[:, None] - mask.sliding_window
+        if qseg is not None:
+            seg = jax.lax.dynamic_slice_in_dim(qseg, i * block_q, block_q, axis=1)
+            allowed &= seg[:, :, None] == kseg[:, None, :]
+        thr_i = jax.lax.dynamic_slice_in_dim(thr, i * block_q, block_q, axis=3)  # [B, K, Gr, bq]
+        keeps = dt_w[:, :, :, None, :] >= thr_i[..., None]  # [B, K, Gr, bq, S]
+        need = (keeps & allowed[:, None, None]).any(axis=(2, 3))  # [B, K, S]
+        enter = jnp.where(need & (enter == n_tiles), i, enter)
+        exit_ = jnp.where(need, i + 1, exit_)
+        return (enter, exit_), None
+
+    init = (jnp.full((b, kh, s), n_tiles, jnp.int32), jnp.zeros((b, kh, s), jnp.int32))
+    (enter, exit_), _ = jax.lax.scan(step, init, jnp.arange(n_tiles, dtype=jnp.int32))
+    return enter, exit_
+
+
+def walk_plan(enter: jax.Array, exit_: jax.Array, *, n_tiles: int, block_k: int, chunk: int):
+    """The key layout and both walks of the TPU kernel's sparse mode, from the keys' tile intervals.
+
+    enter, exit_ [B, K, S] (S a multiple of chunk, chunk of block_k). Keys stay inside their chunk of `chunk`
+    positions and are sorted there by exit, latest first (then by enter), keys no tile needs last. Key block u of a
+    chunk is then needed by tiles [lo_u, hi_u) with hi_u = the exit of its first key (non-increasing in u) and lo_u
+    = the earliest enter in it or any later block of the chunk (non-decreasing): the blocks tile i visits in a
+    chunk are a prefix of it, and the tiles visiting a block are a contiguous range. Returns
+      perm    [B, K, S]              key position at each slot of the layout
+      runs_n  [B, K, n_tiles, n_ch]  blocks visited in each chunk by each query tile (forward, dQ)
+      q_lo, q_n [B, K, S / block_k]  the range of query tiles visiting each block (dK/dV/d-bias)
+    Both walks visit the same (tile, block) pairs, a superset of the pairs holding a needed key.
+    """
+    b, kh, s = enter.shape
+    n_chunks, per = s // chunk, chunk // block_k
+    if (n_tiles + 2) ** 2 >= 2**31:
+        raise ValueError(f"walk_plan: n_tiles={n_tiles} must be below 46339 (the sort key is int32)")
+    alive = exit_ > enter
+    by_exit = jnp.where(alive, n_tiles - exit_, n_tiles + 1)
+    by_enter = jnp.where(alive, enter, n_tiles)
+    key = (by_exit * (n_tiles + 2) + by_enter).reshape(b, kh, n_chunks, chunk)
+    # One sort per chunk rather than a lexsort over S: the same order, and XLA:TPU compiles it ~10× faster.
+    order = jnp.argsort(key, axis=-1, stable=True).astype(jnp.int32)
+    perm = (order + (jnp.arange(n_chunks, dtype=jnp.int32) * chunk)[:, None]).reshape(b, kh, s)
+    blocks = (b, kh, n_chunks, per, block_k)
+    hi = jnp.take_along_axis(jnp.where(alive, exit_, 0), perm, axis=-1).reshape(blocks).max(-1)
+    lo = jnp.take_along_axis(by_enter, perm, axis=-1).reshape(blocks).min(-1)
+    lo = jnp.flip(jax.lax.cummin(jnp.flip(lo, -1), axis=lo.ndim - 1), -1)  # min over the block and later ones
+    tiles = jnp.arange(n_tiles)[:, None, None]
+    visit = (lo[:, :, None] <= tiles) & (tiles < hi[:, :, None])  # [B, K, n_tiles, n_chunks, per]
+    runs_n = visit.sum(-1, dtype=jnp.int32)
+    q_n = jnp.maximum(hi - lo, 0).reshape(b, kh, n_chunks * per).astype(jnp.int32)
+    q_lo = jnp.minimum(lo, n_tiles - 1).reshape(b, kh, n_chunks * per).astype(jnp.int32)
+    return perm, runs_n, q_lo, q_n

@@ -5,8 +5,14 @@ Same inputs, masks and outputs as the reference (`doge_jax.model.dma_reference`)
   the tiles, the head dim padded to a multiple of 128 lanes with zeros (q·k and p·v are unchanged by it);
 - top-k thresholds: `shared.topk_setup` (plain XLA, shared with the Triton entry): a prefix order statistic for causal /
   padding masks, exact chunked top_k for segments and sliding windows;
-- block tables: per query tile the contiguous range of key blocks that hold an allowed key (causal band, window,
-  kv_mask), per key block the range of query tiles that can see it; they are scalar-prefetched into SMEM;
+- walk tables, scalar-prefetched into SMEM (tpu_flash docstring). Band walk: per query tile the contiguous range
+  of key blocks that hold an allowed key (causal band, window, kv_mask), per key block the range of query tiles
+  that can see it. Sparse walk (the top-k active and S ≥ 4·keep_window_size, or sparse=True): each key's interval
+  of query tiles that keep it, from the thresholds (topk.prefix_key_intervals, or general_key_intervals for
+  segments and windows), keys permuted per kv head by topk.walk_plan, and each tile walks only the key blocks
+  holding a key it may keep: at T = 16k, keep_window_size = 2048, 1.015× the blocks that hold kept keys and a
+  3.2× shorter roofline than the band walk (benchmarks/tpu_roofline.py). k, v and dt are permuted outside the
+  kernel (shared.permute_keys), and their gradients permuted back;
 - rows with no allowed key (left padding): the reference's uniform average, through `shared.uniform_rows`.
 Inputs the kernel cannot take are named by `tpu_unsupported_reason` (one line), and `dma_pallas_tpu` raises it.
 On a backend other than TPU the kernels run in TPU interpret mode (`pltpu.InterpretParams`), which checks
@@ -24,11 +30,14 @@ from jax.experimental.pallas import tpu as pltpu
 
 from doge_jax.kernels import shared as _shared
 from doge_jax.kernels import target as _target
+from doge_jax.kernels import topk as _topk
 from doge_jax.kernels import tpu_flash
 from doge_jax.model.mask import MaskSpec
 
 _ROWS_TARGET = 512  # rows (block_q·R) per query tile by default: ≥ 256 keeps every pass MXU-bound on v5e
-_BLOCK_K = 512
+_BLOCK_K = 512  # keys per block on the band walk
+_SPARSE_BLOCK_K = 128  # on the sparse walk: finer blocks carry fewer dropped keys (benchmarks/tpu_roofline.py)
+_SPARSE_MIN_WINDOWS = 4  # sparse walk by default from S = 4·keep_window_size; at 2w it visits as much as the band
 _MAX_HEAD_DIM = 256
 _DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
 
@@ -60,7 +69,16 @@ def _q_quantum(r_heads: int) -> int:
     return math.lcm(tpu_flash.NUM_SUBLANES, tpu_flash.NUM_LANES // math.gcd(tpu_flash.NUM_LANES, r_heads))
 
 
-def _block_sizes(t: int, s: int, r_heads: int, block_q: int | None, block_k: int | None) -> tuple[int, int]:
+def _sparse_walk(mask: MaskSpec, s: int, sparse: bool | None) -> bool:
+    """Whether the call walks only the key blocks holding kept keys (the top-k must be active)."""
+    w, window = mask.keep_window_size, mask.sliding_window
+    if s <= w or (window is not None and window <= w):
+        return False  # no row can see more than w keys: the top-k keeps every allowed key
+    return sparse if sparse is not None else s >= _SPARSE_MIN_WINDOWS * w
+
+
+def _block_sizes(t: int, s: int, r_heads: int, block_q: int | None, block_k: int | None,
+                 sparse: bool = False) -> tuple[int, int]:
     quantum = _q_quantum(r_heads)
     if block_q is None:
         block_q = max(quantum, _ROWS_TARGET // r_heads // quantum * quantum)
@@ -69,7 +87,7 @@ def _block_sizes(t: int, s: int, r_heads: int, block_q: int | None, block_k: int
         raise ValueError(f"dma_pallas_tpu: block_q={block_q} must be a multiple of {quantum} for N/K={r_heads} "
                          f"(sublane-aligned head slabs, block_q*N/K a multiple of 128)")
     if block_k is None:
-        block_k = min(_BLOCK_K, _round_up(s, tpu_flash.NUM_LANES))
+        block_k = min(_SPARSE_BLOCK_K if sparse else _BLOCK_K, _round_up(s, tpu_flash.NUM_LANES))
     elif block_k % tpu_flash.NUM_LANES or block_k < 1:
         raise ValueError(f"dma_pallas_tpu: block_k={block_k} must be a positive multiple of 128")
     return block_q, block_k
@@ -84,12 +102,13 @@ def _interpret_params(interpret):
     return interpret or None
 
 
-def _block_tables(*, b, t, s, offset, block_q, block_k, sliding_window, valid):
-    """The visit ranges of both walks, and their static lengths.
+def _band_tables(*, b, kh, t, s, offset, block_q, block_k, sliding_window, valid):
+    """The band walk: per query tile one run of key blocks, per key block one range of query tiles.
 
     Query tile i (real positions p_first..p_last) needs key blocks c_lo..c_hi (causal band and window), narrowed to
     the first/last block holding a valid key. Key block j (keys k0..k1) is seen by the tiles with p_last ≥ k0 and,
-    with a window, p_first ≤ k1 + window − 1; none when the block has no valid key.
+    with a window, p_first ≤ k1 + window − 1; none when the block has no valid key. Returns the tables (flattened
+    [B, K, tiles, 1] and [B, K, blocks], the same for every kv head) and the static pair counts of the band.
     """
     n_q, n_kb = -(-t // block_q), valid.shape[1] // block_k
     i = np.arange(n_q)
@@ -113,15 +132,31 @@ def _block_tables(*, b, t, s, offset, block_q, block_k, sliding_window, valid):
     lo = next_valid[:, np.minimum(c_lo, n_kb - 1)]
     hi = prev_valid[:, c_hi]
     kv_n = jnp.where(fwd_static > 0, jnp.maximum(hi - lo + 1, 0), 0)
+
+    def per_head(x):  # [B, n] → flattened [B, K, n]
+        return jnp.broadcast_to(x.astype(jnp.int32)[:, None, :], (b, kh, x.shape[-1])).reshape(-1)
+
     tables = {
-        "kv_lo": jnp.clip(lo, 0, n_kb - 1).reshape(-1).astype(jnp.int32),  # [B·n_q]
-        "kv_n": kv_n.reshape(-1).astype(jnp.int32),
-        "q_lo": jnp.broadcast_to(jnp.asarray(np.minimum(q_lo, n_q - 1), jnp.int32), (b, n_kb)).reshape(-1),
-        "q_n": jnp.where(block_valid, jnp.asarray(dkv_static, jnp.int32), 0).reshape(-1).astype(jnp.int32),
+        "run_lo": per_head(jnp.clip(lo, 0, n_kb - 1)),
+        "run_n": per_head(kv_n),
+        "q_lo": per_head(jnp.broadcast_to(jnp.asarray(np.minimum(q_lo, n_q - 1)), (b, n_kb))),
+        "q_n": per_head(jnp.where(block_valid, jnp.asarray(dkv_static, jnp.int32), 0)),
     }
-    steps = dict(kv_steps=max(1, int(fwd_static.max())), q_steps=max(1, int(dkv_static.max())),
-                 fwd_pairs=b * int(fwd_static.sum()), dkv_pairs=b * int(dkv_static.sum()))
-    return tables, steps
+    return tables, dict(fwd_pairs=b * int(fwd_static.sum()), dkv_pairs=b * int(dkv_static.sum()))
+
+
+def _sparse_tables(*, thr, dt_w, valid, mask: MaskSpec, t, block_q, block_k, chunk):
+    """The sparse walk (topk.walk_plan): the key order perm [B, K, S_p] and the tables of both walks, flattened."""
+    n_tiles = -(-t // block_q)
+    if mask.q_segment_ids is not None or mask.sliding_window is not None:
+        enter, exit_ = _topk.general_key_intervals(dt_w, thr, valid, mask, q_len=t, block_q=block_q)
+    else:
+        dtm = jnp.where(valid[:, None, None, :], dt_w, -jnp.inf)
+        enter, exit_ = _topk.prefix_key_intervals(dtm, thr, q_offset=mask.static_offset, q_len=t, block_q=block_q)
+    perm, runs_n, q_lo, q_n = _topk.walk_plan(enter, exit_, n_tiles=n_tiles, block_k=block_k, chunk=chunk)
+    tables = {"run_lo": jnp.zeros(runs_n.size, jnp.int32), "run_n": runs_n.reshape(-1),
+              "q_lo": q_lo.reshape(-1), "q_n": q_n.reshape(-1)}
+    return perm, tables
 
 
 def _to_rows(x, n_tiles: int, block_q: int):
@@ -153,13 +188,18 @@ def dma_pallas_tpu(
     interpret=None,
     block_q: int | None = None,
     block_k: int | None = None,
+    sparse: bool | None = None,
+    chunk: int | None = None,
 ) -> jax.Array:
     """Fused DMA on TPU. q [B, T, N, H], k/v [B, S, K, H], dt [B, G, S] (G = K or N) → [B, T, N, H] in v's dtype.
 
     Semantics of `dma_reference` without dropout; raises ValueError (one line) for a call
-    `tpu_unsupported_reason` rejects. block_q: query positions per tile (a tile
-    holds block_q·N/K rows; default ≈ 512 rows); block_k: keys per tile (multiple of 128; default 512).
-    interpret: None → TPU interpret mode on any backend but TPU; True → interpret mode; or a pltpu.InterpretParams.
+    `tpu_unsupported_reason` rejects. block_q: query positions per tile (a tile holds block_q·N/K rows; default
+    ≈ 512 rows); block_k: keys per block (multiple of 128; default 512 on the band walk, 128 on the sparse walk).
+    sparse: visit only the key blocks holding kept keys (default: when the top-k is active and
+    S ≥ 4·keep_window_size); chunk: the sparse walk's chunk of key positions (a multiple of block_k; default
+    ≈ sqrt(S·block_k)). interpret: None → TPU interpret mode on any backend but TPU; True → interpret mode; or a
+    pltpu.InterpretParams.
     """
     b, t, n, h = q.shape
     s, kh = k.shape[1], k.shape[2]
@@ -178,8 +218,14 @@ def dma_pallas_tpu(
         raise ValueError(f"dma_pallas_tpu: sliding_window={sliding_window} must be a positive integer")
     offset = mask.static_offset
     r_heads, bias_rows = n // kh, g // kh
-    block_q, block_k = _block_sizes(t, s, r_heads, block_q, block_k)
-    t_pad, s_pad, h_pad = _round_up(t, block_q), _round_up(s, block_k), _round_up(h, tpu_flash.NUM_LANES)
+    sparse = _sparse_walk(mask, s, sparse)
+    block_q, block_k = _block_sizes(t, s, r_heads, block_q, block_k, sparse)
+    if sparse:
+        chunk = chunk or _topk.default_chunk(_round_up(s, block_k), block_k)
+        if chunk % block_k:
+            raise ValueError(f"dma_pallas_tpu: chunk={chunk} must be a multiple of block_k={block_k}")
+    t_pad, h_pad = _round_up(t, block_q), _round_up(h, tpu_flash.NUM_LANES)
+    s_pad = _round_up(s, chunk if sparse else block_k)
     n_tiles = t_pad // block_q
 
     valid = jnp.ones((b, s), bool) if kv_mask is None else kv_mask.astype(bool)
@@ -193,28 +239,43 @@ def dma_pallas_tpu(
     k_w = jnp.pad(k, ((0, 0), (0, s_pad - s), (0, 0), (0, h_pad - h))).transpose(0, 2, 1, 3)  # [B, K, S_p, H_p]
     v_w = jnp.pad(v, ((0, 0), (0, s_pad - s), (0, 0), (0, h_pad - h))).transpose(0, 2, 1, 3)
 
+    def per_head(x):  # [B, S_p] → [B, K, 1, S_p]
+        return jnp.broadcast_to(x[:, None, None, :], (b, kh, 1, s_pad))
+
     qpos = np.where(np.arange(t_pad) < t, offset + np.arange(t_pad), -1).astype(np.int32)  # [T_p]
     qpos = np.broadcast_to(qpos.reshape(n_tiles, 1, block_q), (n_tiles, r_heads, block_q))
     meta = {
-        "kpos": jnp.where(valid, jnp.arange(s_pad, dtype=jnp.int32), tpu_flash.NO_KEY)[:, None, :],  # [B, 1, S_p]
+        "kpos": per_head(jnp.where(valid, jnp.arange(s_pad, dtype=jnp.int32), tpu_flash.NO_KEY)),
         "qpos": jnp.asarray(qpos.reshape(1, 1, -1)),  # [1, 1, T_p·R]
     }
-    if thr is not None:
-        thr = jnp.broadcast_to(thr, (b, kh, r_heads, t_pad)).transpose(0, 3, 1, 2)  # [B, T_p, K, R]
-        meta["thr"] = _to_rows(thr, n_tiles, block_q)[:, :, None, :]  # [B, K, 1, T_p·R]
     if q_segment_ids is not None:
         qseg = jnp.pad(q_segment_ids.astype(jnp.int32), ((0, 0), (0, t_pad - t)))
         qseg = jnp.broadcast_to(qseg[:, :, None, None], (b, t_pad, 1, r_heads))
         meta["qseg"] = _to_rows(qseg, n_tiles, block_q)  # [B, 1, T_p·R]
-        meta["kseg"] = jnp.pad(kv_segment_ids.astype(jnp.int32), ((0, 0), (0, s_pad - s)))[:, None, :]
-    tables, steps = _block_tables(b=b, t=t, s=s, offset=offset, block_q=block_q, block_k=block_k,
-                                  sliding_window=sliding_window, valid=valid)
+        meta["kseg"] = per_head(jnp.pad(kv_segment_ids.astype(jnp.int32), ((0, 0), (0, s_pad - s))))
+    tables, pairs = _band_tables(b=b, kh=kh, t=t, s=s, offset=offset, block_q=block_q, block_k=block_k,
+                                 sliding_window=sliding_window, valid=valid)  # pairs: the band, an upper bound
+    walk = dict(kv_runs=1, run_stride=0)
+    if sparse:
+        perm, tables = _sparse_tables(thr=thr, dt_w=dt_w, valid=valid, mask=mask, t=t, block_q=block_q,
+                                      block_k=block_k, chunk=chunk)
+        inverse = _shared.inverse_permutation(perm)
+        k_w = _shared.permute_keys(k_w, perm, inverse, 2)
+        v_w = _shared.permute_keys(v_w, perm, inverse, 2)
+        dt_w = _shared.permute_keys(dt_w, perm, inverse, 3)
+        for name in ("kpos", "kseg"):
+            if name in meta:
+                meta[name] = jnp.take_along_axis(meta[name], perm[:, :, None, :], axis=3)
+        walk = dict(kv_runs=s_pad // chunk, run_stride=chunk // block_k)
     meta.update(tables)
+    if thr is not None:
+        thr = jnp.broadcast_to(thr, (b, kh, r_heads, t_pad)).transpose(0, 3, 1, 2)  # [B, T_p, K, R]
+        meta["thr"] = _to_rows(thr, n_tiles, block_q)[:, :, None, :]  # [B, K, 1, T_p·R]
 
     cfg = tpu_flash.TpuKernelConfig(
         scale=float(scale), block_q=block_q, block_k=block_k, heads_per_kv=r_heads, bias_rows=bias_rows,
         sliding_window=sliding_window, has_thr=thr is not None, has_segments=q_segment_ids is not None,
-        interpret=_interpret_params(interpret), **steps)
+        interpret=_interpret_params(interpret), **walk, **pairs)
     o, lse = tpu_flash.flash_dma(cfg, q_w, k_w, v_w, dt_w, meta)
     out = _from_rows(o, n_tiles, block_q, r_heads)[:, :t, :, :h]  # [B, T, N, H]
     if kv_mask is not None or q_segment_ids is not None or sliding_window is not None:

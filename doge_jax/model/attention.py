@@ -73,7 +73,8 @@ class DogeAttention(nnx.Module):
                         q_segment_ids=segment_ids, kv_segment_ids=segment_ids, sliding_window=cfg.sliding_window)
         out = attention_impl.attention(
             q, k, v, dt, mask, scale=H**-0.5, impl=cfg.attention_impl, dropout_rate=dropout,
-            dropout_rng=self.rngs.dropout() if dropout > 0 else None, layer=self.layer_index)
+            dropout_rng=self.rngs.dropout() if dropout > 0 else None, layer=self.layer_index,
+            recompute_scores=attention_impl.resolved_remat(cfg.remat_policy, cfg.attention_impl) == "scores")
         return self.o_proj(out.reshape(B, T, N * H)), cache
 
 

@@ -19,10 +19,11 @@ from __future__ import annotations
 import dataclasses
 
 import jax
+import jax.numpy as jnp
 from absl import logging
 
 from doge_jax.kernels import gpu_dma, target, tpu_dma
-from doge_jax.model import dma_reference
+from doge_jax.model import dma_chunked, dma_reference
 from doge_jax.model.mask import MaskSpec
 from doge_jax.parallel import attention as sharded
 
@@ -66,6 +67,11 @@ def choose(requested: str, q, k, dt, mask: MaskSpec, *, dropout_rate: float = 0.
         if reason is None and kernel == "pallas_tpu" and backend != "tpu":
             # jax 0.10's TPU interpreter waits forever inside shard_map over several CPU devices: refuse, not hang
             reason = f"in TPU interpret mode on a {mesh.size}-device mesh (interpret mode runs on one device)"
+    if reason is None and requested == "auto" and kernel == "pallas_gpu" and backend == "gpu" \
+            and q.dtype == jnp.float32:
+        # Compiled for sm_90, the fp32 kernel's exact dots spill 27-56 KB of registers per thread
+        # (benchmarks/gpu_compile_table.py): correct, but no faster than the reference. A caller may still name it.
+        reason = "float32 q/k/v on a GPU (its exact fp32 dots spill registers on sm_90; bfloat16 runs the kernel)"
     if reason is None:
         return Choice(kernel, f"attention_impl={requested!r} on {backend}")
     if requested == "auto":
@@ -85,16 +91,30 @@ def log_choice(layer: int | None, requested: str, choice: Choice) -> None:
                      choice.impl, choice.reason)
 
 
+def resolved_remat(remat_policy: str, impl: str, backend: str | None = None) -> str:
+    """remat_policy with "auto" made concrete: "scores" where the attention is the XLA reference (no kernel for
+    this backend, or impl='xla'), whose [B, N, T, S] tensors would otherwise be kept for every layer; "none" where
+    a kernel keeps O(B·N·T) and recomputing would only cost time."""
+    if remat_policy != "auto":
+        return remat_policy
+    backend = backend or target.backend()
+    kernel = impl != "xla" and (impl in ("pallas_gpu", "pallas_tpu") or backend in _BACKEND_KERNEL)
+    return "none" if kernel else "scores"
+
+
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, dt: jax.Array, mask: MaskSpec, *, scale: float,
               impl: str = "auto", dropout_rate: float = 0.0, dropout_rng: jax.Array | None = None,
-              layer: int | None = None) -> jax.Array:
-    """Dynamic Mask Attention by `impl`. q [B, T, N, H], k/v [B, S, K, H], dt [B, G, S] → [B, T, N, H]."""
+              layer: int | None = None, recompute_scores: bool = False) -> jax.Array:
+    """Dynamic Mask Attention by `impl`. q [B, T, N, H], k/v [B, S, K, H], dt [B, G, S] → [B, T, N, H].
+
+    recompute_scores (remat_policy "scores"): when the XLA reference runs, run it over chunks of queries that the
+    backward pass recomputes (`dma_chunked`): its [B, N, T, S] tensors are never all kept."""
     mesh = jax.sharding.get_abstract_mesh()
     choice = choose(impl, q, k, dt, mask, dropout_rate=dropout_rate if dropout_rng is not None else 0.0, mesh=mesh)
     log_choice(layer, impl, choice)
     if choice.impl == "xla":
-        return dma_reference.dma_reference(q, k, v, dt, mask, scale=scale, dropout_rate=dropout_rate,
-                                           dropout_rng=dropout_rng)
+        reference = dma_chunked.dma_reference_chunked if recompute_scores else dma_reference.dma_reference
+        return reference(q, k, v, dt, mask, scale=scale, dropout_rate=dropout_rate, dropout_rng=dropout_rng)
     entry = gpu_dma.dma_pallas_gpu if choice.impl == "pallas_gpu" else tpu_dma.dma_pallas_tpu
 
     def kernel(q, k, v, dt, mask):

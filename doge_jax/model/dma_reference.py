@@ -23,8 +23,10 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 from doge_jax.model.mask import MaskSpec, masked_bias
+from doge_jax.model.options import ATTENTION_OUT
 
 
 def dma_reference(
@@ -56,4 +58,4 @@ def dma_reference(
         keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, probs.shape)
         probs = jnp.where(keep, probs / (1.0 - dropout_rate), 0.0)
     out = jnp.einsum("BKRTS,BSKH->BTKRH", probs.astype(v.dtype), v)
-    return out.reshape(B, T, N, H)
+    return checkpoint_name(out.reshape(B, T, N, H), ATTENTION_OUT)
