@@ -6,7 +6,8 @@ DMA bias materialized as a [B, N, T, S] tensor.
 TFLOP/s use one FLOP count for every implementation: causal dense attention, 4·B·N·H·T²/2 forward and 3.5× that for
 forward+backward. That is the work a dense causal kernel does; the XLA reference does twice as much (no causal
 skipping) and the sparse kernel walk about keep_window_size + chunk keys per row (`walked` column: its fraction of the
-causal keys). cuDNN gets its bias precomputed outside the timed region (its best case) and no bias gradient.
+causal keys). cuDNN gets its bias precomputed outside the timed region (its best case); attention_fns says exactly what each
+implementation computes.
 The kernel timing includes its top-k bookkeeping (thresholds, key permutation).
 """
 
@@ -44,41 +45,61 @@ def make_inputs(seed, *, B, T, N, K, H, G, dtype):
     return (q, k, v, dt), do
 
 
-def attention_fns(args, *, window: int, scale: float):
-    """name → (fn(*diff_args), diff_args). cuDNN differentiates q, k, v only (its bias is a constant here)."""
+def attention_fns(args, *, window: int, scale: float, with_cudnn: bool = True):
+    """name → (fn(*diff_args, *const_args), diff_args, const_args). Every array is an argument of the jitted
+    program (a closed-over array would be inlined as a program constant: a 4 GiB bias at T = 16k costs host memory
+    and minutes of compile). Only diff_args are differentiated.
+
+    What each side computes (all causal, bf16 in, fp32 softmax):
+    - pallas: the DMA kernel, top-k bookkeeping included, gradients of q, k, v and dt (dt's through the bias).
+    - xla: the plain-jnp reference: [B, N, T, S] scores, no causal skipping, gradients of q, k, v and dt.
+    - cudnn: cuDNN flash attention with is_causal and the DMA bias materialised as [B, N, T, S] before the timed
+      region (its best case); gradients of q, k, v. jax's cuDNN API computes a bias gradient whenever a bias is
+      passed (has_dbias = has_bias in jax._src.cudnn.fused_attention_stablehlo), so its backward writes one more
+      [B, N, T, S] tensor than the DMA kernel's: that is why cudnn_nobias is timed too.
+    - cudnn_nobias: cuDNN causal flash attention with no bias at all: a floor for any biased kernel, not DMA."""
     q, k, v, dt = args
     B, T, N, _ = q.shape
+    mask = MaskSpec(keep_window_size=window)
 
     def kernel(q, k, v, dt):
-        return dma_pallas_gpu(q, k, v, dt, MaskSpec(keep_window_size=window), scale=scale)
+        return dma_pallas_gpu(q, k, v, dt, mask, scale=scale)
 
     def reference(q, k, v, dt):
-        return dma_reference(q, k, v, dt, MaskSpec(keep_window_size=window), scale=scale)
+        return dma_reference(q, k, v, dt, mask, scale=scale)
 
-    fns = {"pallas": (kernel, (q, k, v, dt)), "xla": (reference, (q, k, v, dt))}
-    if jax.default_backend() == "gpu":
-        allowed = MaskSpec(keep_window_size=window).allowed(B, T, T)
-        bias = masked_bias(dt, allowed, window)  # [B, G, T, S]
-        bias = jnp.repeat(bias, N // bias.shape[1], axis=1)  # [B, N, T, S]: one bias per query head
-        bias = jnp.maximum(bias, -1e30).astype(q.dtype)  # float32 min overflows bf16 to -inf
-        bias = jax.block_until_ready(bias)
+    fns = {"pallas": (kernel, (q, k, v, dt), ()), "xla": (reference, (q, k, v, dt), ())}
+    if with_cudnn and jax.default_backend() == "gpu":
+        @jax.jit
+        def materialise(dt):
+            bias = masked_bias(dt, mask.allowed(B, T, T), window)  # [B, G, T, S]
+            bias = jnp.repeat(bias, N // bias.shape[1], axis=1)  # [B, N, T, S]: one bias per query head
+            return jnp.maximum(bias, -1e30).astype(q.dtype)  # float32 min overflows bf16 to -inf
 
-        def cudnn(q, k, v):
-            return jax.nn.dot_product_attention(q, k, v, bias=bias, scale=scale, implementation="cudnn")
+        def cudnn(q, k, v, bias):
+            return jax.nn.dot_product_attention(q, k, v, bias=bias, scale=scale, is_causal=True,
+                                                implementation="cudnn")
 
-        fns["cudnn"] = (cudnn, (q, k, v))
+        def cudnn_nobias(q, k, v):
+            return jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=True, implementation="cudnn")
+
+        fns["cudnn"] = (cudnn, (q, k, v), (jax.block_until_ready(materialise(dt)),))
+        fns["cudnn_nobias"] = (cudnn_nobias, (q, k, v), ())
     return fns
 
 
-def compile_modes(fn, diff_args, do):
-    """{"fwd": compiled, "fwd+bwd": compiled} taking diff_args."""
+def compile_modes(fn, diff_args, const_args, do):
+    """{"fwd": compiled, "fwd+bwd": compiled}; fwd takes (*diff_args, *const_args), fwd+bwd (*those, do)."""
+    n = len(diff_args)
     fwd = jax.jit(fn)
 
     def loss(*a):
+        *a, do = a
         return jnp.sum(fn(*a).astype(jnp.float32) * do.astype(jnp.float32))
 
-    fwd_bwd = jax.jit(jax.grad(loss, argnums=tuple(range(len(diff_args)))))
-    return {"fwd": fwd.lower(*diff_args).compile(), "fwd+bwd": fwd_bwd.lower(*diff_args).compile()}
+    fwd_bwd = jax.jit(jax.grad(loss, argnums=tuple(range(n))))
+    return {"fwd": fwd.lower(*diff_args, *const_args).compile(),
+            "fwd+bwd": fwd_bwd.lower(*diff_args, *const_args, do).compile()}
 
 
 def time_ms(compiled, args, *, iters: int, max_s: float = 20.0) -> float:
@@ -134,7 +155,12 @@ def run_table(lengths, *, B, N, K, H, G, window, dtype, iters, ref_max_len, budg
         R = N // K
         frac = walked_fraction(args[3].reshape(B, K, G // K, T)[:, :, 0], T=T, window=window,
                                block_q=max(1, 64 // R), block_k=64)
-        for name, (fn, diff_args) in attention_fns(args, window=window, scale=H**-0.5).items():
+        try:
+            fns = attention_fns(args, window=window, scale=H**-0.5)
+        except Exception as e:  # noqa: BLE001 (e.g. the materialised bias does not fit): the kernel rows still run
+            print(f"T={T}: cuDNN bias not built ({type(e).__name__}: {str(e)[:200]})", flush=True)
+            fns = attention_fns(args, window=window, scale=H**-0.5, with_cudnn=False)
+        for name, (fn, diff_args, const_args) in fns.items():
             row = {"T": T, "impl": name, "walked": frac if name == "pallas" else (2.0 if name == "xla" else 1.0)}
             if name == "xla" and T > ref_max_len:
                 row["error"] = f"skipped: T > --ref-max-len={ref_max_len}"
@@ -142,9 +168,10 @@ def run_table(lengths, *, B, N, K, H, G, window, dtype, iters, ref_max_len, budg
                 row["error"] = f"skipped: over --budget-s={budget_s}"
             else:
                 try:
-                    compiled = compile_modes(fn, diff_args, do)
+                    compiled = compile_modes(fn, diff_args, const_args, do)
                     for mode, mult in (("fwd", 1.0), ("fwd+bwd", 3.5)):
-                        ms = time_ms(compiled[mode], diff_args, iters=iters)
+                        call_args = (*diff_args, *const_args) + ((do,) if mode == "fwd+bwd" else ())
+                        ms = time_ms(compiled[mode], call_args, iters=iters)
                         row[f"{mode}_ms"] = ms
                         row[f"{mode}_tflops"] = mult * flops / (ms * 1e-3) / 1e12
                 except Exception as e:  # noqa: BLE001 (OOM, unsupported backend: recorded, the table goes on)
@@ -171,7 +198,7 @@ def speedups(rows) -> list[str]:
     by = {(r["T"], r["impl"]): r for r in rows}
     for T in sorted({r["T"] for r in rows}):
         kern = by.get((T, "pallas"), {})
-        for other in ("xla", "cudnn"):
+        for other in ("xla", "cudnn", "cudnn_nobias"):
             o = by.get((T, other), {})
             parts = [f"{mode} {o[f'{mode}_ms'] / kern[f'{mode}_ms']:.2f}x" for mode in ("fwd", "fwd+bwd")
                      if f"{mode}_ms" in kern and f"{mode}_ms" in o]

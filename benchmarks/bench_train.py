@@ -29,7 +29,12 @@ PRESETS = ("doge_20m", "doge_60m", "doge_160m", "doge_320m", "doge_40m_moe")
 
 def _config(preset: str, batch: int, seq_len: int, dtype: str):
     import importlib
+    import importlib.util
 
+    if importlib.util.find_spec("doge_jax.configs") is None:
+        # A source checkout that was never pip-installed (the GPU image, with PYTHONPATH at the repo): the presets
+        # import `doge_jax.configs`, which only the install maps onto configs/. Map it here the same way.
+        sys.modules["doge_jax.configs"] = importlib.import_module("configs")
     config = importlib.import_module(f"configs.{preset}").get_config()
     config.batch_size, config.seq_len = batch, seq_len
     config.model.dtype = dtype
@@ -64,13 +69,30 @@ class JaxSide:
         params = nnx.to_pure_dict(params)
         self.state = {"params": params, "opt_state": tx.init(params), "step": jnp.int32(0),
                       "rng": jax.random.key_data(jax.random.key(0))}
-        self.step = jax.jit(make_train_step(graphdef, rest, tx, schedule, pretrain_loss), donate_argnums=0)
+        self.jitted = jax.jit(make_train_step(graphdef, rest, tx, schedule, pretrain_loss), donate_argnums=0)
+        self.step = self.jitted
         inputs, targets = _batch(self.cfg.vocab_size, config.batch_size, config.seq_len)
         B, T = inputs.shape
         self.batch = jax.device_put({
             "input_ids": inputs[None], "targets": targets[None], "segment_ids": np.ones((1, B, T), np.int32),
             "positions": np.broadcast_to(np.arange(T, dtype=np.int32), (1, B, T)).copy()})
         self.tokens = B * T
+
+    def compile_at(self, num_micro: int):
+        """The step compiled ahead of time for the same rows in num_micro micro-batches."""
+        import jax
+
+        rows = self.batch["input_ids"].shape[0] * self.batch["input_ids"].shape[1]
+        shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct((num_micro, rows // num_micro) + x.shape[2:], x.dtype),
+                              self.batch)
+        return self.jitted.lower(self.state, shapes).compile()
+
+    def use(self, num_micro: int, compiled) -> None:
+        """Run `compiled` (from compile_at(num_micro)) on the batch regrouped into num_micro micro-batches."""
+        import jax
+
+        self.batch = jax.tree.map(lambda x: x.reshape((num_micro, -1) + x.shape[2:]), self.batch)
+        self.step = compiled
 
     def run(self, steps: int) -> float:
         import jax

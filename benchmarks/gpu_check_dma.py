@@ -26,6 +26,7 @@ so the kernel path runs, since on CPU "auto" means the reference): it checks the
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import statistics
 import sys
@@ -42,6 +43,7 @@ import numpy as np  # noqa: E402
 
 import bench_dma  # noqa: E402
 import bench_train  # noqa: E402
+from doge_jax.kernels import gpu_tiles  # noqa: E402
 from doge_jax.kernels.gpu_dma import dma_pallas_gpu  # noqa: E402
 from doge_jax.model.dma_reference import dma_reference  # noqa: E402
 from doge_jax.model.mask import MaskSpec  # noqa: E402
@@ -65,6 +67,7 @@ DRY_CASES = [
 ]
 TRAIN_PRESETS = ("doge_20m", "doge_160m", "doge_40m_moe")
 DECODE_PRESETS = ("doge_20m", "doge_160m")
+TRAIN_BATCH = {"doge_20m": 64, "doge_160m": 32, "doge_40m_moe": 32}  # sequences of 2048: enough to fill an H200
 DRY_TRAIN_PRESETS = ("doge_20m", "doge_40m_moe")  # a dense and a MoE preset: every code path, fewer compiles
 DRY_DECODE_PRESETS = ("doge_20m",)
 
@@ -144,8 +147,9 @@ def tiny(config):
     return config
 
 
-def train_row(preset, impl, *, batch, seq_len, steps, dry, peak_measured) -> dict:
-    from doge_jax.trainer import flops
+def train_row(preset, impl, *, batch, seq_len, steps, dry, peak_measured, profile=None, num_micro=1) -> dict:
+    """num_micro: micro-batches of the step, or "auto": doge_jax.trainer.fit's choice for this device."""
+    from doge_jax.trainer import fit, flops
 
     config = bench_train._config(preset, batch, seq_len, "bfloat16")
     if dry:
@@ -155,12 +159,26 @@ def train_row(preset, impl, *, batch, seq_len, steps, dry, peak_measured) -> dic
     row = {"preset": preset, "attention_impl": impl, "ran": run_impl, "batch": batch, "seq_len": seq_len}
     t0 = time.perf_counter()
     side = bench_train.JaxSide(config)
-    compiled = side.step.lower(side.state, side.batch).compile()
-    side.step = compiled  # the executable measured below is the one memory_analysis describes
+    if num_micro == "auto":
+        memory = fit.device_memory(jax.devices())
+        choice = fit.choose(side.compile_at, batch_size=batch, row_multiple=1, memory=memory, data_parallel=1)
+        num_micro, compiled = choice.num_micro, choice.compiled
+        row.update(fit="auto", usable_gib=memory.usable / 2**30,
+                   fit_peaks_gib={str(a): p / 2**30 for a, p in sorted(choice.measured.items())})
+    else:
+        compiled = side.compile_at(num_micro)
+    side.use(num_micro, compiled)  # the executable measured below is the one memory_analysis describes
+    row["num_micro"] = num_micro
     side.run(1)
     row["compile_s"] = time.perf_counter() - t0
     rates = [side.run(steps) for _ in range(3)]
     rate = statistics.median(rates)
+    if profile is not None:
+        try:
+            profile.append({"what": f"{preset} {impl} train step x{steps}, batch {batch}x{seq_len}",
+                            **device_time_by_kernel(lambda: side.run(steps))})
+        except Exception as e:  # noqa: BLE001 (the profile is a bonus: the row stands without it)
+            profile.append({"what": f"{preset} {impl}", "error": f"{type(e).__name__}: {e}"})
     fpt = flops.flops_per_token(side.cfg, seq_len)
     mem = compiled.memory_analysis()
     device = jax.devices()[0]
@@ -206,6 +224,82 @@ def decode_row(preset, batch, *, prompt_len, new_tokens, dry) -> dict:
             "end_to_end_tok_s": batch * new_tokens / full}
 
 
+
+# --- 5. tiles -----------------------------------------------------------------------------------------------------
+
+# (rows, block_k, num_warps, num_stages); a tile holds rows = block_q·R query rows (R query heads per kv head).
+# The first is today's default (64 rows × 64 keys, 8 warps at head dim 128).
+TILES = [(64, 64, 8, 2), (64, 64, 4, 2), (128, 64, 8, 2), (128, 64, 4, 2), (64, 128, 8, 2), (128, 128, 8, 2),
+         (64, 32, 4, 2), (128, 32, 4, 3), (64, 64, 4, 3)]
+DRY_TILES = [(16, 16, 4, 2), (32, 16, 4, 2)]
+# Every preset has head dim 128 and R = 2; "train" is doge_160m's attention at T = 2k (top-k inactive: T ≤ w),
+# "long" the kernel table's 16k shape (R = 4, the sparse walk).
+TILE_SHAPES = {"train": (2048, dict(B=16, N=6, K=3, H=128, G=3), 2048),
+               "long": (16384, dict(B=1, N=8, K=2, H=128, G=2), 2048)}
+DRY_TILE_SHAPES = {"dry": (96, dict(B=1, N=4, K=2, H=16, G=2), 32)}
+KERNELS = ("dma_forward", "dma_backward_dq", "dma_backward_dkv")
+
+
+def tile_row(T, tiles, *, shape, window, iters) -> dict:
+    rows, block_k, warps, stages = tiles
+    block_q = rows // (shape["N"] // shape["K"])
+    args, do = bench_dma.make_inputs(T, T=T, dtype=jnp.bfloat16, **shape)
+    scale = shape["H"] ** -0.5
+
+    def fn(q, k, v, dt):
+        return dma_pallas_gpu(q, k, v, dt, MaskSpec(keep_window_size=window), scale=scale, block_q=block_q,
+                              block_k=block_k, num_warps=warps, num_stages=stages)
+
+    compiled = bench_dma.compile_modes(fn, args, (), do)
+    row = {"T": T, "block_q": block_q, "rows": block_q * shape["N"] // shape["K"], "block_k": block_k,
+           "num_warps": warps, "num_stages": stages}
+    for mode, call_args in (("fwd", args), ("fwd+bwd", (*args, do))):
+        row[f"{mode}_ms"] = bench_dma.time_ms(compiled[mode], call_args, iters=iters)
+    if jax.default_backend() == "gpu":  # each kernel's own time: the three may want different tiles
+        reps = 5
+        prof = device_time_by_kernel(lambda: [jax.block_until_ready(compiled["fwd+bwd"](*args, do))
+                                              for _ in range(reps)])
+        for k in prof["kernels"]:
+            if k["name"] in KERNELS:
+                row[f"{k['name']}_ms"] = k["ms"] / reps
+    return row
+
+
+# --- 6. profile ---------------------------------------------------------------------------------------------------
+
+def device_time_by_kernel(run, top: int = 25) -> dict:
+    """Runs run() under jax.profiler and sums the device's events by name: where a step's GPU time goes."""
+    import glob
+    import tempfile
+    from collections import defaultdict
+
+    from jax.profiler import ProfileData
+
+    trace_dir = tempfile.mkdtemp()
+    jax.profiler.start_trace(trace_dir)
+    wall0 = time.perf_counter()
+    run()
+    wall = time.perf_counter() - wall0
+    jax.profiler.stop_trace()
+    total, count, lines = defaultdict(float), defaultdict(int), set()
+    for path in glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True):
+        for plane in ProfileData.from_file(path).planes:
+            if not plane.name.startswith("/device:"):
+                continue
+            for line in plane.lines:
+                lines.add(f"{plane.name}/{line.name}")
+                if "stream" not in line.name.lower() and plane.name.startswith("/device:GPU"):
+                    continue  # the GPU plane's other lines (XLA ops, modules) repeat the kernels' time
+                for ev in line.events:
+                    total[ev.name] += ev.duration_ns / 1e6
+                    count[ev.name] += 1
+    busy = sum(total.values())
+    rows = sorted(total, key=total.get, reverse=True)[:top]
+    return {"wall_ms": 1e3 * wall, "device_busy_ms": busy, "lines": sorted(lines)[:40],
+            "kernels": [{"name": n[:160], "ms": total[n], "calls": count[n], "share": total[n] / max(busy, 1e-9)}
+                        for n in rows]}
+
+
 # --- the report -------------------------------------------------------------------------------------------------
 
 def markdown(report) -> str:
@@ -229,12 +323,13 @@ def markdown(report) -> str:
     peak = report.get("matmul_peak_tflops")
     out += ["", f"## 3. train step (bf16, one device; MFU vs a measured bf16 matmul rate of "
             f"{peak:.1f} TFLOP/s)" if peak else "## 3. train step", "",
-            "| preset | attention_impl | ran | batch×seq | tokens/s | TFLOP/s | MFU (measured peak) | "
-            "MFU (datasheet) | step temp GiB | args GiB | device peak GiB | note |", "|---" * 12 + "|"]
+            "| preset | attention_impl | ran | batch×seq | micro-batches | tokens/s | TFLOP/s | MFU (measured peak) | "
+            "MFU (datasheet) | step temp GiB | args GiB | device peak GiB | note |", "|---" * 13 + "|"]
     for r in report["train"]:
         f = lambda k, fmt: (fmt.format(r[k]) if r.get(k) is not None else "-")  # noqa: E731
+        micro = f"{r.get('num_micro', '-')}" + (" (auto)" if r.get("fit") else "")
         out.append(f"| {r['preset']} | {r['attention_impl']} | {r.get('ran', '')} | {r['batch']}×{r['seq_len']} | "
-                   f"{f('tokens_per_s', '{:,.0f}')} | {f('tflops', '{:.1f}')} | {f('mfu_measured', '{:.1%}')} | "
+                   f"{micro} | {f('tokens_per_s', '{:,.0f}')} | {f('tflops', '{:.1f}')} | {f('mfu_measured', '{:.1%}')} | "
                    f"{f('mfu_datasheet', '{:.1%}')} | {f('step_temp_gib', '{:.2f}')} | "
                    f"{f('step_args_gib', '{:.2f}')} | {f('device_peak_gib', '{:.2f}')} | {r.get('error', '')[:120]} |")
     out += ["", "## 4. decode (doge_jax.sampler, greedy, bf16)", "",
@@ -243,6 +338,22 @@ def markdown(report) -> str:
         f = lambda k: f"{r[k]:,.1f}" if k in r else "-"  # noqa: E731
         out.append(f"| {r['preset']} | {r['batch']} | {f('decode_tok_s')} | {f('end_to_end_tok_s')} | "
                    f"{r.get('error', '')[:120]} |")
+    out += ["", "## 5. kernel tiles (bf16, DMA; rows = block_q·R query rows per tile; per-kernel ms from the "
+            "profiler)", "", "The table `dma_pallas_gpu` reads (gpu_tiles.TABLE): " + ", ".join(
+                f"{k} {t['rows']}×{t['block_k']} w{t['num_warps']} s{t['num_stages']}"
+                for k, t in report.get("tile_table", {}).items()), "", "| shape | T | rows | block_k | warps | stages | fwd ms | fwd+bwd ms | forward | dq | dkv | "
+            "note |", "|---" * 12 + "|"]
+    for r in report.get("tiles", []):
+        f = lambda k: f"{r[k]:.3f}" if k in r else "-"  # noqa: E731
+        out.append(f"| {r.get('shape', '')} | {r.get('T')} | {r.get('rows', '')} | {r.get('block_k')} | "
+                   f"{r.get('num_warps')} | {r.get('num_stages')} | {f('fwd_ms')} | {f('fwd+bwd_ms')} | "
+                   + " | ".join(f(k + "_ms") for k in KERNELS) + f" | {r.get('error', '')[:120]} |")
+    for p in report.get("profile", []):
+        out += ["", f"## 6. device time by kernel: {p.get('what', '')} (wall {p.get('wall_ms', 0):.1f} ms, device busy "
+                f"{p.get('device_busy_ms', 0):.1f} ms) {p.get('error', '')[:200]}", "",
+                "| kernel | ms | calls | share |", "|---|---|---|---|"]
+        out += [f"| `{k['name'][:100]}` | {k['ms']:.2f} | {k['calls']} | {k['share']:.1%} |"
+                for k in p.get("kernels", [])]
     return "\n".join(out) + "\n"
 
 
@@ -251,8 +362,9 @@ class Report:
 
     def __init__(self, out_dir: str, dry: bool):
         self.dir, self.t0 = out_dir, time.perf_counter()
-        self.data = {"environment": bench_dma.environment(), "dry_run": dry, "correctness": [], "kernel_time": [],
-                     "train": [], "decode": []}
+        self.data = {"environment": bench_dma.environment(), "dry_run": dry,
+                     "tile_table": {f"H{h}/{walk}": dataclasses.asdict(t) for (h, walk), t in gpu_tiles.TABLE.items()}, "correctness": [], "kernel_time": [],
+                     "train": [], "decode": [], "tiles": [], "profile": []}
 
     def save(self):
         self.data["seconds"] = time.perf_counter() - self.t0
@@ -281,20 +393,24 @@ def guarded(fn, base: dict, *, over_budget: bool) -> dict:
     return row
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--out", default=".")
-    p.add_argument("--dry-run", action="store_true", help="CPU, tiny shapes, interpret mode: checks the script")
-    p.add_argument("--budget-s", type=float, default=None,
-                   help="start no new row after this many seconds (default 420; the dry run: no limit)")
-    a = p.parse_args(argv)
-    dry = a.dry_run
-    a.budget_s = a.budget_s if a.budget_s is not None else (1e9 if dry else 420.0)
-    report = Report(a.out, dry)
-    over = lambda: time.perf_counter() - report.t0 > a.budget_s  # noqa: E731
-    print(report.data["environment"], flush=True)
+SECTIONS = ("correctness", "kernel_time", "train", "decode", "tiles")
 
-    for name, shapes, extra in (DRY_CASES if dry else CASES):
+
+def _train_specs(text: str) -> list[tuple[str, int, object, tuple[str, ...]]]:
+    """--train-presets "doge_20m:64,doge_20m:256:auto:auto" → [(preset, batch, micro-batches, impls)]."""
+    out = []
+    for item in filter(None, text.split(",")):
+        preset, *rest = item.split(":")
+        batch = int(rest[0]) if rest else TRAIN_BATCH[preset]
+        micro = (rest[1] if rest[1] == "auto" else int(rest[1])) if len(rest) > 1 else 1
+        impls = tuple(rest[2].split("+")) if len(rest) > 2 else ("auto", "xla")
+        out.append((preset, batch, micro, impls))
+    return out
+
+
+def correctness_section(report, dry, over, a):
+    cases = DRY_CASES if dry else [c for c in CASES if not a.cases or c[0] in a.cases.split(",")]
+    for name, shapes, extra in cases:
         row = guarded(lambda: check_case(name, shapes, extra), {"case": name}, over_budget=over())
         row.setdefault("exception", row.get("error", ""))
         report.add("correctness", row)
@@ -302,12 +418,14 @@ def main(argv=None) -> int:
         print(f"{'PASS' if row.get('ok') else 'FAIL'} {name} ({row['seconds']:.0f}s) {errs} {row['exception']}",
               flush=True)
 
+
+def kernel_time_section(report, dry, over, a):
     lengths, shape, window = ([96], dict(B=1, N=4, K=2, H=16, G=2), 32) if dry else \
-        ([2048, 8192, 16384], dict(B=1, N=8, K=2, H=128, G=2), 2048)
+        ([int(t) for t in a.kernel_lengths.split(",")], dict(B=1, N=8, K=2, H=128, G=2), 2048)
     report.data["kernel_time_shape"] = {**shape, "keep_window_size": window}
     try:
         report.data["kernel_time"] = bench_dma.run_table(
-            lengths, **shape, window=window, dtype=jnp.bfloat16, iters=1 if dry else 5, ref_max_len=16384,
+            lengths, **shape, window=window, dtype=jnp.bfloat16, iters=1 if dry else 10, ref_max_len=16384,
             budget_s=a.budget_s, out="", meta={}, t_start=report.t0)
     except Exception as e:  # noqa: BLE001
         report.data["kernel_time"] = [{"T": 0, "impl": "-", "error": f"{type(e).__name__}: {e}"[:300]}]
@@ -315,18 +433,27 @@ def main(argv=None) -> int:
     report.save()
     print("\n".join(report.data["speedups"]), flush=True)
 
+
+def train_section(report, dry, over, a):
     peak = matmul_peak(256 if dry else 8192, seconds=0.2 if dry else 1.0)
     report.data["matmul_peak_tflops"] = peak / 1e12
-    batch, seq_len, steps = (2, 64, 1) if dry else (16, 2048, 5)
-    for preset in (DRY_TRAIN_PRESETS if dry else TRAIN_PRESETS):
-        for impl in ("auto", "xla"):
+    seq_len, steps = (64, 1) if dry else (2048, 5)
+    specs = ([(p, 2, "auto" if p == "doge_40m_moe" else 1, ("auto", "xla")) for p in DRY_TRAIN_PRESETS] if dry
+             else _train_specs(a.train_presets or ",".join(TRAIN_PRESETS)))
+    for preset, batch, micro, impls in specs:
+        for impl in impls:
             base = {"preset": preset, "attention_impl": impl, "batch": batch, "seq_len": seq_len}
+            prof = report.data["profile"] if impl == "auto" else None
             row = guarded(lambda: train_row(preset, impl, batch=batch, seq_len=seq_len, steps=steps, dry=dry,
-                                            peak_measured=peak), base, over_budget=over())
+                                            peak_measured=peak, profile=prof, num_micro=micro), base,
+                          over_budget=over())
             report.add("train", row)
-            print(f"train {preset} {impl}: {row.get('tokens_per_s', 0):,.0f} tok/s, MFU "
-                  f"{row.get('mfu_measured', 0):.1%} {row.get('error', '')}", flush=True)
+            print(f"train {preset} {impl} {batch}x{seq_len} micro-batches {row.get('num_micro')}: "
+                  f"{row.get('tokens_per_s', 0):,.0f} tok/s, MFU {row.get('mfu_measured', 0):.1%} "
+                  f"{row.get('fit_peaks_gib', '')} {row.get('error', '')}", flush=True)
 
+
+def decode_section(report, dry, over, a):
     prompt_len, new_tokens = (8, 4) if dry else (32, 128)
     for preset in (DRY_DECODE_PRESETS if dry else DECODE_PRESETS):
         for batch in (1, 16):
@@ -336,8 +463,46 @@ def main(argv=None) -> int:
             print(f"decode {preset} batch {batch}: {row.get('decode_tok_s', 0):,.1f} tok/s {row.get('error', '')}",
                   flush=True)
 
+
+def tiles_section(report, dry, over, a):
+    print("tile table (doge_jax/kernels/gpu_tiles.py):", report.data["tile_table"], flush=True)
+    for label, (T, shape, window) in (DRY_TILE_SHAPES if dry else TILE_SHAPES).items():
+        for tiles in (DRY_TILES if dry else TILES):
+            base = {"shape": label, "T": T, "rows": tiles[0], "block_k": tiles[1], "num_warps": tiles[2],
+                    "num_stages": tiles[3]}
+            row = guarded(lambda: {"shape": label, **tile_row(T, tiles, shape=shape, window=window,
+                                                              iters=1 if dry else 10)}, base, over_budget=over())
+            report.add("tiles", row)
+            per_kernel = " ".join(f"{k}={row[k + '_ms']:.3f}" for k in KERNELS if k + "_ms" in row)
+            print(f"tiles {label} T={T} {tiles}: fwd {row.get('fwd_ms', 0):.3f} ms, fwd+bwd "
+                  f"{row.get('fwd+bwd_ms', 0):.3f} ms {per_kernel} {row.get('error', '')[:200]}", flush=True)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", default=".")
+    p.add_argument("--dry-run", action="store_true", help="CPU, tiny shapes, interpret mode: checks the script")
+    p.add_argument("--budget-s", type=float, default=None,
+                   help="start no new row after this many seconds (default 420; the dry run: no limit)")
+    p.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated, in this order: {SECTIONS}")
+    p.add_argument("--train-presets", default="",
+                   help=f"comma-separated preset[:batch[:micro-batches|auto[:impl+impl]]] (default "
+                        f"{','.join(TRAIN_PRESETS)}, batches {TRAIN_BATCH}, both impls)")
+    p.add_argument("--cases", default="", help="comma-separated correctness case names (default: all)")
+    p.add_argument("--kernel-lengths", default="2048,8192,16384", help="T of the kernel-time table")
+    a = p.parse_args(argv)
+    dry = a.dry_run
+    a.budget_s = a.budget_s if a.budget_s is not None else (1e9 if dry else 420.0)
+    report = Report(a.out, dry)
+    over = lambda: time.perf_counter() - report.t0 > a.budget_s  # noqa: E731
+    print(report.data["environment"], flush=True)
+    for section in a.sections.split(","):
+        if section not in SECTIONS:
+            p.error(f"--sections: {section!r} is not one of {SECTIONS}")
+        globals()[f"{section}_section"](report, dry, over, a)
+
     failed = [r["case"] for r in report.data["correctness"] if not r.get("ok")]
-    errors = [f"{s}: {r.get('preset', r.get('impl'))}" for s in ("kernel_time", "train", "decode")
+    errors = [f"{s}: {r.get('preset', r.get('impl'))}" for s in ("kernel_time", "train", "decode", "tiles")
               for r in report.data[s] if r.get("error") and not r["error"].startswith("skipped")]
     print(f"correctness: {'all pass' if not failed else 'FAIL ' + ', '.join(failed)}; errors: {errors or 'none'}; "
           f"{time.perf_counter() - report.t0:.0f}s; wrote {a.out}/gpu_check_dma.json and .md", flush=True)
