@@ -58,13 +58,19 @@ def chip(topology: str) -> str:
     return topology.split(":")[0]
 
 
-def compile_row(preset: str, topology: str, mesh_spec: str, impl: str, *, layers: int | None, seq_len: int | None,
-                micro_rows: int, remat: str = "full") -> dict:
-    from jax.experimental import topologies
-
+def compile_step(preset: str, topology: str, mesh_spec: str, impl: str, *, layers: int | None,
+                 seq_len: int | None, micro_rows: int, remat: str = "full"):
+    """(row, config, devices, compiled): the preset's train step compiled for `topology`'s chips ("cpu": this
+    host's first device, compiled by XLA:CPU, for dry runs); compiled is None when the dispatcher, the config or
+    the compiler refused (the row then says so in one line)."""
     row = {"preset": preset, "topology": topology, "mesh": mesh_spec, "impl": impl, "remat": remat}
     config = preset_config(preset, impl=impl, layers=layers, remat=remat, seq_len=seq_len)
-    devices = topologies.get_topology_desc(topology, "tpu").devices
+    if topology == "cpu":
+        devices, platform = jax.devices()[:1], None
+    else:
+        from jax.experimental import topologies
+
+        devices, platform = topologies.get_topology_desc(topology, "tpu").devices, "tpu"
     mesh = mesh_lib.make_mesh(parse_mesh(mesh_spec), devices=devices)
     dp = mesh_lib.data_parallel_size(mesh)
     config.grad_accum_steps = max(1, config.batch_size // (dp * micro_rows))
@@ -72,23 +78,31 @@ def compile_row(preset: str, topology: str, mesh_spec: str, impl: str, *, layers
                grad_accum=config.grad_accum_steps, chips=len(devices), device_kind=devices[0].device_kind)
     t0 = time.perf_counter()
     try:
-        lowered = lowering.lowered_train_step(config, mesh, "tpu")
+        lowered = lowering.lowered_train_step(config, mesh, platform)
     except ValueError as e:  # the dispatcher or the config refuses: one line
-        return {**row, "status": "refused", "message": str(e).splitlines()[0]}
-    counts = lowering.kernel_report(lowered.as_text(), "tpu").counts()
+        return {**row, "status": "refused", "message": str(e).splitlines()[0]}, config, devices, None
+    counts = lowering.kernel_report(lowered.as_text(), platform).counts() if platform else {}
     row.update(kernel_calls=counts, lower_s=round(time.perf_counter() - t0, 1))
     t0 = time.perf_counter()
     try:
         compiled = lowered.compile()
     except Exception as e:  # the TPU compiler's refusal (XlaRuntimeError): its first meaningful line
         lines = [line.strip() for line in str(e).splitlines() if line.strip()]
-        return {**row, "status": "compiler refused", "message": (lines or [type(e).__name__])[0][:400],
-                "compile_s": round(time.perf_counter() - t0, 1)}
+        return ({**row, "status": "compiler refused", "message": (lines or [type(e).__name__])[0][:400],
+                 "compile_s": round(time.perf_counter() - t0, 1)}, config, devices, None)
+    return {**row, "status": "compiled", "compile_s": round(time.perf_counter() - t0, 1)}, config, devices, compiled
+
+
+def compile_row(preset: str, topology: str, mesh_spec: str, impl: str, *, layers: int | None, seq_len: int | None,
+                micro_rows: int, remat: str = "full") -> dict:
+    row, config, devices, compiled = compile_step(preset, topology, mesh_spec, impl, layers=layers,
+                                                  seq_len=seq_len, micro_rows=micro_rows, remat=remat)
+    if compiled is None:
+        return row
     mem = compiled.memory_analysis()
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost  # a list of one dict on older jax
     peak = mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes + mem.temp_size_in_bytes
-    compile_s = round(time.perf_counter() - t0, 1)
     # What the model's matmuls cost for the whole step, spread over the chips: the scale the step's FLOPs should
     # have (more by the chunked loss's recompute of the head in the backward pass, norms, loss and optimizer).
     model = DogeConfig.from_dict(config.model.to_dict())
@@ -100,10 +114,10 @@ def compile_row(preset: str, topology: str, mesh_spec: str, impl: str, *, layers
                      "flops_once": once["flops"]}
     except ValueError as e:  # a loop whose trip count is not readable: no whole-step figure
         step_cost = {"flops": None, "flops_note": str(e)}
-    return {**row, "status": "compiled", "compile_s": compile_s, **step_cost,
+    return {**row, **step_cost,
             "matmul_flops_per_chip": matmul_flops,
             "argument_gb": mem.argument_size_in_bytes / GB, "temp_gb": mem.temp_size_in_bytes / GB,
-            "peak_gb": peak / GB, "hbm_gb": HBM_GB[chip(topology)], "flops_xla": float(cost.get("flops", 0.0)),
+            "peak_gb": peak / GB, "hbm_gb": HBM_GB.get(chip(topology)), "flops_xla": float(cost.get("flops", 0.0)),
             "bytes_accessed": float(cost.get("bytes accessed", 0.0))}
 
 

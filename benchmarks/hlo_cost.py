@@ -13,8 +13,12 @@ This reads the same compiled module and applies the same counting rules per inst
 - FLOPs: a dot / convolution is 2 · output elements · the contracted size (its MACs); every other arithmetic op is
   1 per output element; a reduce is 1 per input element; transcendentals (exp, log, rsqrt, sine...) are counted
   apart, as XLA does. A fusion's FLOPs are those of the instructions inside it.
-- Bytes: each top-level instruction reads its operands and writes its result (a fusion counts at its boundary, not
-  inside); bookkeeping (parameter, tuple, get-tuple-element, bitcast, constant) and the loop itself move nothing.
+- Bytes: HBM bytes. Each top-level instruction reads its operands and writes its result (a fusion counts at its
+  boundary, not inside), except that a slice reads only its result's size, and arrays a TPU layout places in
+  on-chip memory (VMEM `S(1)`, SMEM `S(2)`) move no HBM bytes: XLA:TPU prefetches kernel and fusion operands into
+  VMEM with async copies and slices, which are then the HBM traffic. An async op counts at its start;
+  bookkeeping (parameter, tuple, get-tuple-element, bitcast, constant, AllocateBuffer) and the loop itself move
+  nothing.
 - Loops: a while body runs `trip` times and its condition `trip + 1`: the trip count XLA wrote in the loop's
   backend_config (`known_trip_count`, on CPU and GPU), else read from the condition (`i < constant`, i from 0,
   as every lax.scan/fori_loop lowers on TPU); nested loops multiply.
@@ -22,9 +26,9 @@ This reads the same compiled module and applies the same counting rules per inst
   and consumers into one "output fusion": its bytes are the matmul's reads and writes).
 
 `totals(ops, once=True)` reproduces cost_analysis()'s FLOPs within 3-6 % on the TPU train steps of
-this repository (tests/test_compile_tpu.py checks it), the evidence that its FLOP rules are XLA's. Its bytes
-differ from cost_analysis()'s by 20-25 % on the same steps (XLA's per-fusion operand utilisation is not
-reproduced here), so read the bytes as a split between ops, not as an exact total. Opaque custom calls (the
+this repository (tests/test_compile_tpu.py checks it), the evidence that its FLOP rules are XLA's. Its bytes are
+not cost_analysis()'s: that counts every operand of every op, on-chip or not, and XLA's per-fusion operand
+utilisation is not reproduced here; read them as HBM traffic split between ops, an estimate, not a measurement. Opaque custom calls (the
 Mosaic kernels) carry no FLOPs here, as in cost_analysis.
 """
 
@@ -46,9 +50,15 @@ NO_FLOPS = FREE | {"broadcast", "reshape", "transpose", "slice", "dynamic-slice"
                    "concatenate", "copy", "iota", "gather", "scatter", "reverse", "fusion", "custom-call",
                    "copy-start", "copy-done", "bitcast-convert", "sort", "rng-bit-generator"}
 MATMUL = {"dot", "convolution"}
+# TPU custom calls that reserve or reinterpret a buffer and move no bytes.
+NO_TRAFFIC_CALLS = ("AllocateBuffer", "ConcatBitcast")
 _SHAPE = re.compile(r"\b(pred|[sufc]\d+|bf16|f8e4m3fn|f8e5m2)\[([\d,]*)\]")
 _HEADER = re.compile(r"^(ENTRY )?%(?P<name>[\w.\-]+) .*\{\s*$")
 _INSTR = re.compile(r"^\s+(ROOT )?%(?P<name>[\w.\-]+) = (?P<rest>.*)$")
+_TARGET = re.compile(r'custom_call_target="([^"]*)"')
+_SOURCE = re.compile(r'source_file="(?P<file>[^"]*)" source_line=(?P<line>\d+)')
+_FRAME = re.compile(r"stack_frame_id=(\d+)")
+_TABLES = ("FileNames", "FunctionNames", "FileLocations", "StackFrames")
 _OPNAME = re.compile(r'op_name="(?P<op>[^"]*)"')
 
 
@@ -70,6 +80,7 @@ class Instr:
         found = _OPNAME.search(self.attrs)
         return found.group("op") if found else ""
 
+
     def called(self, key: str) -> list[str]:
         """Computations named by attribute `key` (calls=, body=, condition=, to_apply=, branch_computations=)."""
         found = re.search(rf"\b{key}=(\{{[^}}]*\}}|%[\w.\-]+)", self.attrs)
@@ -81,9 +92,35 @@ class Module:
     computations: dict[str, list[Instr]]
     entry: str
     shapes: dict[tuple[str, str], str]  # (computation, instruction) → result type
+    frames: dict[int, str] = dataclasses.field(default_factory=dict)  # stack frame id → "file.py:line"
 
     def instr(self, comp: str, name: str) -> Instr | None:
         return next((i for i in self.computations[comp] if i.name == name), None)
+
+    def source(self, ins: Instr) -> str:
+        """The Python line jax recorded for an op ("decoder.py:120"): its stack frame (newer jax writes a frame
+        table after the module) or its source_file/source_line (older jax); "" when neither is there."""
+        found = _FRAME.search(ins.attrs)
+        if found:
+            return self.frames.get(int(found.group(1)), "")
+        found = _SOURCE.search(ins.attrs)
+        return f"{found.group('file').rsplit('/', 1)[-1]}:{found.group('line')}" if found else ""
+
+
+def _frames(tables: dict[str, list[str]]) -> dict[int, str]:
+    """Stack frame id → "file.py:line" of the frame's own location, from the tables after the module."""
+    def entries(name):
+        for line in tables.get(name, []):
+            key, _, value = line.partition(" ")
+            yield int(key), value
+
+    files = {k: v.strip('"').rsplit("/", 1)[-1] for k, v in entries("FileNames")}
+    locations = {}
+    for k, v in entries("FileLocations"):
+        fields = dict(re.findall(r"(\w+)=(\d+)", v))
+        locations[k] = f"{files.get(int(fields.get('file_name_id', 0)), '?')}:{fields.get('line', '?')}"
+    return {k: locations.get(int(dict(re.findall(r"(\w+)=(\d+)", v)).get("file_location_id", 0)), "")
+            for k, v in entries("StackFrames")}
 
 
 def _split_type(rest: str) -> tuple[str, str]:
@@ -111,8 +148,17 @@ def _split_call(text: str) -> tuple[str, str, str]:
 
 def parse(text: str) -> Module:
     computations: dict[str, list[Instr]] = {}
-    entry, current = "", None
+    tables: dict[str, list[str]] = {}
+    entry, current, table = "", None, None
     for line in text.splitlines():
+        if line in _TABLES:
+            table = tables.setdefault(line, [])
+            continue
+        if table is not None:
+            if line.strip():
+                table.append(line.strip())
+                continue
+            table = None
         header = _HEADER.match(line)
         if header and not line.startswith(" "):
             current = header.group("name")
@@ -131,7 +177,7 @@ def parse(text: str) -> Module:
         computations[current].append(Instr(found.group("name"), shape, opcode,
                                            re.findall(r"%([\w.\-]+)", operands), operands, attrs))
     shapes = {(c, i.name): i.shape for c, instrs in computations.items() for i in instrs}
-    return Module(computations, entry, shapes)
+    return Module(computations, entry, shapes, _frames(tables))
 
 
 def dims(shape: str) -> list[tuple[str, list[int]]]:
@@ -148,6 +194,39 @@ def nbytes(shape: str) -> float:
             n *= d
         total += n * DTYPE_BYTES.get(dtype, 4)
     return total
+
+
+_ARRAY = re.compile(r"\b(pred|[sufc]\d+|bf16|f8e4m3fn|f8e5m2)\[([\d,]*)\](\{[^}]*\})?")
+# Memory spaces in a TPU layout ("{2,1,0:T(8,128)S(1)}"): S(1) is VMEM, S(2) SMEM; none or S(0) is HBM.
+_ON_CHIP = re.compile(r"S\([12]\)")
+
+
+def hbm_bytes(shape: str) -> float:
+    """Bytes of the arrays in a type (a tuple's too) that live in HBM: those laid out in VMEM or SMEM (a TPU
+    layout's S(1) / S(2)) count nothing; everything counts on CPU and GPU, whose layouts name no memory space."""
+    total = 0.0
+    for dtype, ds, layout in _ARRAY.findall(shape):
+        if layout and _ON_CHIP.search(layout):
+            continue
+        n = 1
+        for d in ds.split(","):
+            n *= int(d) if d else 1
+        total += n * DTYPE_BYTES.get(dtype, 4)
+    return total
+
+
+def _tuple_element(shape: str, index: int) -> str:
+    """The `index`-th top-level element of a tuple type, as written (layout included)."""
+    depth, start, parts = 0, 1, []
+    for i, c in enumerate(shape):
+        if c in "({[":
+            depth += 1
+        elif c in ")}]":
+            depth -= 1
+        if (c == "," and depth == 1) or (c == ")" and depth == 0):
+            parts.append(shape[start:i].strip())
+            start = i + 1
+    return parts[index] if index < len(parts) else ""
 
 
 def elements(shape: str) -> int:
@@ -297,27 +376,33 @@ def _fusion_write(module: Module, fused: str, shape: str) -> float:
                                                                                                else [])]
     if roots and all(r is not None and r.opcode == "dynamic-update-slice" for r in roots):
         return sum(nbytes(module.shapes[(fused, r.operands[1])]) for r in roots)
-    return nbytes(shape)
+    return hbm_bytes(shape)
 
 
 def _bytes(module: Module, comp: str, ins: Instr) -> float:
-    """Bytes a top-level instruction reads and writes (HloCostAnalysis' rule: operands + result)."""
+    """HBM bytes a top-level instruction reads and writes (HloCostAnalysis' rule, operands + result, with three
+    refinements: a slice reads only its result's size; arrays in a TPU's on-chip memory (VMEM / SMEM) move no HBM
+    bytes, so a prefetch into VMEM (an async slice or copy) costs its read only; an async op counts at its start)."""
     if ins.opcode in FREE or ins.opcode.endswith("-done"):
+        return 0.0
+    if ins.opcode == "custom-call" and any(f'custom_call_target="{t}"' in ins.attrs for t in NO_TRAFFIC_CALLS):
         return 0.0
     if ins.opcode == "fusion":
         fused = ins.called("calls")[0]
         reads = _param_reads(module, fused)
         read = 0.0
         for n, operand in enumerate(ins.operands):
-            full = nbytes(module.shapes.get((comp, operand), ""))
+            full = hbm_bytes(module.shapes.get((comp, operand), ""))
             part = reads.get(n)
-            read += full if part is None else min(full, part)
+            read += full if part is None or full == 0 else min(full, part)
         return read + _fusion_write(module, fused, ins.shape)
-    read = sum(nbytes(module.shapes.get((comp, o), "")) for o in ins.operands)
-    if ins.opcode.endswith("-start"):  # (operand, result, context...) tuple: the result is its second element
-        parts = dims(ins.shape)
-        return read + (nbytes(f"{parts[1][0]}[{','.join(map(str, parts[1][1]))}]") if len(parts) > 1 else 0.0)
-    return read + nbytes(ins.shape)
+    # An async op's type is (operands, result, context...): what it writes is the second element.
+    result = _tuple_element(ins.shape, 1) if ins.opcode.endswith("-start") else ins.shape
+    if ins.opcode in ("slice", "dynamic-slice", "slice-start", "dynamic-slice-start") and ins.operands:
+        source_in_hbm = hbm_bytes(module.shapes.get((comp, ins.operands[0]), "")) > 0
+        return (nbytes(result.split("{")[0]) if source_in_hbm else 0.0) + hbm_bytes(result)
+    read = sum(hbm_bytes(module.shapes.get((comp, o), "")) for o in ins.operands)
+    return read + hbm_bytes(result)
 
 
 def _known_trip(ins: Instr) -> int | None:
@@ -353,6 +438,8 @@ class OpCost:
     transcendentals: float
     bytes: float
     matmul: bool  # a dot/convolution or a fusion holding one
+    target: str = ""  # a custom call's target (e.g. "tpu_custom_call": a Mosaic kernel)
+    source: str = ""  # the Python line jax recorded ("decoder.py:120")
 
     @property
     def total_flops(self) -> float:
@@ -386,8 +473,9 @@ def op_costs(module: Module) -> list[OpCost]:
             arith = _instr_arith(module, comp, ins, memo)
             is_mm = ins.opcode in MATMUL or (ins.opcode == "fusion" and
                                             _fusion_has_matmul(module, ins.called("calls")[0]))
+            target = _TARGET.search(ins.attrs) if ins.opcode == "custom-call" else None
             out.append(OpCost(comp, ins.name, ins.opcode, ins.op_name, times, arith.flops, arith.transcendentals,
-                              _bytes(module, comp, ins), is_mm))
+                              _bytes(module, comp, ins), is_mm, target.group(1) if target else "", module.source(ins)))
 
     walk(module.entry, 1)
     return out

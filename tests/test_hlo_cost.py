@@ -82,3 +82,47 @@ def test_unreadable_trip_count_raises():
     module = hlo_cost.parse(_compiled(f, jnp.ones((5,))).as_text())
     with pytest.raises(ValueError, match="trip count"):
         hlo_cost.op_costs(module)
+
+
+def test_each_op_names_the_python_line_it_came_from(operands):
+    """The op's source line is read from the frame table jax writes after the module (or from source_file /
+    source_line on older jax): the ops below are costed at this file's lines (XLA:CPU may fuse the tanh into the
+    dot's fusion, whose metadata is then one of the two lines), and the matmul is a matmul."""
+    x, ws = operands
+
+    def f(x, w):
+        y = x @ w
+        return jnp.tanh(y)  # THE TANH LINE
+
+    ops = hlo_cost.op_costs(hlo_cost.parse(_compiled(f, x, ws[0]).as_text()))
+    line = next(i for i, text in enumerate(open(__file__), 1) if "THE TANH LINE" in text and "next(" not in text)
+    sources = {o.source for o in ops if o.flops}
+    assert sources & {f"test_hlo_cost.py:{line - 1}", f"test_hlo_cost.py:{line}"}, sources
+    assert any(o.matmul and o.flops == 2 * M * K * N for o in ops), ops
+
+
+def test_hbm_bytes_leave_out_on_chip_arrays_and_slices_read_their_result():
+    """A TPU-style module: an async slice prefetches part of an HBM array into VMEM (S(1)) and a fusion reads it
+    there; only the slice's read of HBM and the fusion's HBM output count, and AllocateBuffer moves nothing."""
+    text = """HloModule m
+
+%fused (p: f32[2,128]) -> f32[2,128] {
+  %p = f32[2,128]{1,0:T(8,128)S(1)} parameter(0)
+  ROOT %e = f32[2,128]{1,0:T(8,128)} exponential(%p)
+}
+
+ENTRY %main (x: f32[8,128]) -> f32[2,128] {
+  %x = f32[8,128]{1,0:T(8,128)} parameter(0)
+  %buf = f32[64,128]{1,0:T(8,128)} custom-call(), custom_call_target="AllocateBuffer"
+  %s = ((f32[8,128]{1,0:T(8,128)}), f32[2,128]{1,0:T(8,128)S(1)}, s32[]{:S(2)}) slice-start(%x), slice={[0:2], [0:128]}
+  %d = f32[2,128]{1,0:T(8,128)S(1)} slice-done(%s)
+  ROOT %f = f32[2,128]{1,0:T(8,128)} fusion(%d), kind=kLoop, calls=%fused
+}
+"""
+    ops = {o.name: o for o in hlo_cost.op_costs(hlo_cost.parse(text))}
+    row = 2 * 128 * 4
+    assert ops["s"].bytes == row  # read 2 rows of x from HBM, written to VMEM
+    assert ops["d"].bytes == 0 and ops["buf"].bytes == 0
+    assert ops["f"].bytes == row  # reads VMEM (free), writes its HBM result
+    assert ops["f"].transcendentals == 2 * 128
+    assert hlo_cost.hbm_bytes("(f32[8,128]{1,0}, bf16[4]{0:S(1)})") == 8 * 128 * 4
