@@ -32,7 +32,8 @@ import os
 import sys
 import time
 
-os.environ.setdefault("JAX_PLATFORMS", "cpu")
+if __name__ == "__main__":  # entry point only: never change the environment of a process that imports this
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
 BENCH = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(BENCH))
 sys.path.insert(0, BENCH)

@@ -37,7 +37,8 @@ import re
 import sys
 from collections import defaultdict
 
-os.environ.setdefault("JAX_PLATFORMS", "cpu")
+if __name__ == "__main__":  # entry point only: never change the environment of a process that imports this
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
 BENCH = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(BENCH))
 sys.path.insert(0, BENCH)

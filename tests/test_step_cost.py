@@ -14,11 +14,21 @@ import sys
 
 import pytest
 
+_ENV_BEFORE = {k: os.environ.get(k) for k in ("XLA_FLAGS", "JAX_PLATFORMS")}
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
 import step_cost  # noqa: E402
 
 from doge_jax.model.config import DogeConfig  # noqa: E402
 from doge_jax.trainer import flops  # noqa: E402
+
+
+def test_importing_the_benchmarks_leaves_the_environment_alone():
+    """pytest imports this file while collecting the whole suite: had step_cost (or compile_table / lowering_table
+    under it) set XLA_FLAGS, every later subprocess (the CLI, notebooks, the chain) would see 8 fake devices."""
+    import compile_table  # noqa: F401
+    import lowering_table  # noqa: F401
+
+    assert {k: os.environ.get(k) for k in _ENV_BEFORE} == _ENV_BEFORE
 
 
 @pytest.mark.slow
