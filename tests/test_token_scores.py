@@ -107,6 +107,26 @@ def test_per_token_scores_equal_log_softmax_of_the_logits():
     np.testing.assert_array_equal(full.greedy, greedy)
 
 
+def test_the_target_logit_is_picked_without_a_gather_or_scatter():
+    """The cut of issue 23: the target's logit is a masked sum over the vocabulary, so neither the scores nor
+    their gradient hold a gather or a scatter over the [..., V] logits (on TPU the gather re-read every logit)."""
+    logits = jax.random.normal(jax.random.key(7), (B, T, V))
+    _, targets = _data(7)
+
+    def f(x):
+        s = scores_from_logits(x, targets)
+        return jnp.sum(s.logp) + 1e-3 * jnp.sum(s.lse * s.lse)
+
+    hlo = jax.jit(jax.grad(f)).lower(logits).as_text()
+    assert "gather" not in hlo and "scatter" not in hlo
+    # and the gradient is softmax − one-hot (× the z-loss term), exactly as the gather's was
+    valid = targets != IGNORE_INDEX
+    onehot = jax.nn.one_hot(jnp.where(valid, targets, 0), V) * valid[..., None]
+    lse = jax.nn.logsumexp(logits, -1, keepdims=True)
+    want = onehot - jnp.exp(logits - lse) * (valid[..., None] * (1 - 2e-3 * lse))
+    np.testing.assert_allclose(jax.grad(f)(logits), want, rtol=0, atol=1e-6)
+
+
 def test_chunk_length():
     assert chunk_length(8, 2048, 32768, 0) == 256  # 2^26 logits / (8 rows × 2^15 vocab) = 2^8 positions
     assert chunk_length(1, 2048, 32768, 0) == 2048  # 2^11 positions per chunk: the whole row
