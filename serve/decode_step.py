@@ -97,6 +97,12 @@ def _single(parent: nn.Module, name: str, packed: bool, dtype: torch.dtype) -> N
         _relayout(linear)
 
 
+def _direct(module):
+    """`module`'s forward without nn.Module.__call__ (hooks, which the decode step's modules never have), or the
+    callable itself when it is not a module (a `_DenseFused`)."""
+    return module.forward if isinstance(module, nn.Module) else module
+
+
 class _Layer:
     def __init__(self, layer: nn.Module, packed: bool, dtype: torch.dtype):
         attn = layer.self_attn
@@ -113,14 +119,24 @@ class _Layer:
         _single(attn, "o_proj", packed, dtype)
         _single(layer.mlp, "down_proj", packed, dtype)
         self.ff = layer.mlp.intermediate_size
+        # What the step reads every token, bound once: an nn.Module attribute lookup and an nn.Module call each
+        # cost a microsecond or two of Python, and a Doge-20M step makes a few hundred (the step is mostly such
+        # overhead at batch 1, see the module docstring).
+        self.input_norm = (layer.input_layernorm.weight, layer.input_layernorm.variance_epsilon)
+        self.post_norm = (layer.post_attention_layernorm.weight, layer.post_attention_layernorm.variance_epsilon)
+        self.input_residual, self.post_residual = layer.input_residual, layer.post_attention_residual
+        self.A, self.scaling = attn.A, attn.scaling
+        self.dt_proj, self.o_proj = _direct(attn.dt_proj), _direct(attn.o_proj)
+        self.down_proj, self.act_fn = _direct(layer.mlp.down_proj), _direct(layer.mlp.act_fn)
+        self.qkv_call, self.gate_up_call = _direct(self.qkv), _direct(self.gate_up)
 
     def mlp(self, h: torch.Tensor) -> torch.Tensor:
         """[B, D] -> [B, D]: the dense MLP, or CDMoE routed per token."""
-        mlp = self.layer.mlp
-        gate_up = self.gate_up(h)  # [B, 2F]
-        out = mlp.down_proj(mlp.act_fn(gate_up[:, : self.ff]) * gate_up[:, self.ff :])
+        gate_up = self.gate_up_call(h)  # [B, 2F]
+        out = self.down_proj(self.act_fn(gate_up[:, : self.ff]) * gate_up[:, self.ff :])
         if not self.moe:
             return out
+        mlp = self.layer.mlp
         # transformers views router logits as (2, B*T, keys), which pairs x/y scores of different tokens when
         # B*T > 1; for one token it is (x | y) of that token, which is what each row gets here.
         B = h.shape[0]
@@ -210,20 +226,20 @@ class DecodeStep:
         sin = torch.cat([-sin[..., : H // 2], sin[..., H // 2 :]], dim=-1)
         slot = torch.arange(B)
         top_k = S > self.window  # the longest row holds S keys
+        D = x.shape[-1]
         for i, lay in enumerate(self.layers):
-            attn, layer = lay.attn, lay.layer
             residual = x
-            h = F.rms_norm(x, (x.shape[-1],), layer.input_layernorm.weight, layer.input_layernorm.variance_epsilon)
-            qkv = lay.qkv(h)  # [B, (N + 2K) H]
+            h = F.rms_norm(x, (D,), *lay.input_norm)
+            qkv = lay.qkv_call(h)  # [B, (N + 2K) H]
             qk = qkv[:, : (N + K) * H].view(B, N + K, H)
             if lay.qk_norm_weight is not None:
                 qk = F.rms_norm(qk, (H,), None, lay.qk_norm_eps) * lay.qk_norm_weight
-            qk = qk * cos + qk.roll(H // 2, dims=-1) * sin  # RoPE, [B, N + K, H]
+            qk = torch.addcmul(qk * cos, qk.roll(H // 2, dims=-1), sin)  # RoPE, [B, N + K, H]
             v = qkv[:, (N + K) * H :].view(B, K, H)
             k_cache, v_cache, dt_cache = cache.keys[i], cache.values[i], cache.dts[i]  # [slots, K, cap(, H)]
             k_cache[slot, :, positions] = qk[:, N:]
             v_cache[slot, :, positions] = v
-            dt_cache[slot, :, positions] = torch.exp(attn.A * F.softplus(attn.dt_proj(v.reshape(B, K * H))))
+            dt_cache[slot, :, positions] = torch.exp(lay.A * F.softplus(lay.dt_proj(v.reshape(B, K * H))))
             bias = dt_cache[:B, :, :S]  # [B, K or N, S]: the minimum past each row's keys (static_cache.py)
             if top_k:
                 kept = torch.topk(bias, self.window, dim=-1, largest=True, sorted=False).indices
@@ -232,12 +248,10 @@ class DecodeStep:
             # query head n = k * G + g reads kv head k (transformers' repeat_kv), so a per-head bias is [B, K, G, S]
             mask = bias[:, :, None, :] if bias.shape[1] == K else bias.view(B, K, G, S)
             out = F.scaled_dot_product_attention(q, k_cache[:B, :, :S], v_cache[:B, :, :S],
-                                                 attn_mask=mask, scale=attn.scaling)  # [B, K, G, H]
-            x = layer.input_residual * residual + attn.o_proj(out.reshape(B, N * H))
-            residual = x
-            h = F.rms_norm(x, (x.shape[-1],), layer.post_attention_layernorm.weight,
-                           layer.post_attention_layernorm.variance_epsilon)
-            x = layer.post_attention_residual * residual + lay.mlp(h)
+                                                 attn_mask=mask, scale=lay.scaling)  # [B, K, G, H]
+            # transformers: input_residual * residual + attention output (addcmul: the same product and sum)
+            x = torch.addcmul(lay.o_proj(out.reshape(B, N * H)), lay.input_residual, residual)
+            x = torch.addcmul(lay.mlp(F.rms_norm(x, (D,), *lay.post_norm)), lay.post_residual, x)
         norm = self.model.model.norm
         x = F.rms_norm(x[rows], (x.shape[-1],), norm.weight, norm.variance_epsilon)
         return self.model.lm_head(x).float()  # [rows, V]
