@@ -16,7 +16,8 @@ the baselines' end-to-end figures do; aggregate = all tokens / wall time of the 
 medians of `--repeats` rounds; TTFT p50 / p99 are over every request of every round (with few requests, p99 is
 close to the maximum). Baselines run at batch 1: `generate` with the faster of 1 and all torch threads (float32,
 and a model loaded in bfloat16), the sampler with XLA's own threads. Servers run their defaults: torch on every
-core with OpenMP waiting passively; this process sets `OMP_WAIT_POLICY=PASSIVE` too before torch loads, so
+core with OpenMP waiting passively after a short spin; this process sets the same (`OMP_WAIT_POLICY=PASSIVE`,
+`GOMP_SPINCOUNT=10000`) before torch loads, so
 `generate` gets the same (it gains from it on a shared box). Peak RSS is the server process's VmHWM.
 
 Quality: (1) a tiny Doge trained briefly on stdlib prose (tests/serve_testing.train_tiny_doge), teacher-forced
@@ -50,7 +51,9 @@ import tempfile
 import time
 from pathlib import Path
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before numpy/torch load an OpenMP runtime (see docstring)
+if "OMP_WAIT_POLICY" not in os.environ:  # before numpy/torch load an OpenMP runtime: the server's default (see
+    os.environ["OMP_WAIT_POLICY"] = "PASSIVE"  # serve/__main__.py), for `generate` here and the servers started
+    os.environ.setdefault("GOMP_SPINCOUNT", "10000")
 
 import numpy as np  # noqa: E402
 

@@ -11,7 +11,14 @@ import sys
 # spinning. With every core in torch's pool (the default), spinning workers fight the event loop and any neighbour
 # for the cores, and one that loses its core stalls every op: on the shared 2-core EPYC (load 5-13) a 2-thread
 # Doge-20M step took 69-292 ms with spinning and 8-15 ms with passive waits (bench_serve.py --threads-check).
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# Passive, but not at once: a worker spins GOMP_SPINCOUNT turns (libgomp's estimate: ~100,000 a millisecond, so
+# ~0.1 ms) before it sleeps. A decode step runs ~40 parallel regions with a few microseconds of Python between
+# them; a worker asleep in each gap must be woken by the kernel every time, which made two threads 3x slower than
+# one on an idle box (bf16 Doge-20M step, batch 1: 5.8 ms on two passive threads, 2.1 ms on one, 1.9 ms on two
+# spinning ~0.1 ms). A busy box costs at most ~0.1 ms of spinning per step, and threads.py then picks one thread.
+if "OMP_WAIT_POLICY" not in os.environ:
+    os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+    os.environ.setdefault("GOMP_SPINCOUNT", "10000")
 
 
 def parse_args(argv: list[str] | None = None):
@@ -84,6 +91,11 @@ def main(argv: list[str] | None = None) -> None:
     except (RemoteCodeRefused, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
+    import torch
+
+    # Torch on one core in every thread but the engine's, which sets its own count (Engine.start says why): the
+    # model loads, and prompts are echoed, on single-threaded workers that inherit this.
+    torch.set_num_threads(1)
     uvicorn.run(create_app(config), host=config.host, port=config.port, log_level=log_level,
                 timeout_graceful_shutdown=5)
 

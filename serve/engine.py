@@ -156,9 +156,9 @@ class Engine:
         self.max_queue = max_queue
         self.max_model_len = int(getattr(model.config, "max_position_embeddings", 2048))
         self.eos_ids = _eos_ids(model, tokenizer)
-        # Every core by default, each step on every core or on one, whichever runs faster now (threads.py).
+        # Every core by default, each step on every core or on one, whichever runs faster now (threads.py). Only
+        # the engine's own thread runs torch on several cores (it sets its count when it starts; see `start`).
         self.threads = threads or cpu.cores()
-        torch.set_num_threads(self.threads)
         self.thread_chooser = ThreadChooser([1, self.threads]) if threads is None and self.threads > 1 else None
         self.dtype = resolve_dtype(dtype)
         self.quantize = quantize
@@ -178,14 +178,6 @@ class Engine:
                 log.warning("static decode path unavailable (%s); decoding through the model's forward", exc)
         if self._step is None and self.dtype != torch.float32:
             packed_linear.pack_in_place(self.model, self.dtype, KEEP_FLOAT32)
-        if quantize == "int8":
-            layers = [m for m in self.model.modules() if isinstance(m, Int8Linear)]
-            if self._step is not None:
-                layers += self._step.fused_layers(Int8Linear)
-            t0 = time.perf_counter()
-            self.int8_tables = kernel_choice.choose(layers, max_batch)
-            log.info("int8 kernels by rows, measured in %.2f s: %s", time.perf_counter() - t0,
-                     kernel_choice.describe(self.int8_tables))
         self.decode_path = "static" if self._step is not None else "dynamic"
         self.warmup_seconds = 0.0
         self._batch = self._new_batch()
@@ -195,6 +187,8 @@ class Engine:
         self._cond = threading.Condition()
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name="serve-engine", daemon=True)
+        self._ready = threading.Event()
+        self._start_error: BaseException | None = None
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0
         self.decode_steps_total = 0  # rows_total / steps_total is the mean batch size
@@ -204,8 +198,19 @@ class Engine:
     # ---- event-loop side -------------------------------------------------------------------------------------
 
     def start(self) -> None:
-        self._warmup()
+        """Start the engine's thread and return once it has warmed up (the int8 kernels measured, every decode
+        shape run once); a warm-up failure is raised here.
+
+        Every multi-threaded torch op of the server runs on that one thread. libgomp keeps a team of workers for
+        each thread that ever ran a parallel region, and once there are more of them than cores it caps how long a
+        worker spins before sleeping at 1,000 turns, whatever GOMP_SPINCOUNT says; a decode step's ~40 parallel
+        regions then each wait for a sleeping worker to be woken. Measured on the 2-core EPYC (bf16 Doge-20M step,
+        batch 1, 2 threads): 1.7 ms on a thread of its own, 5.2 ms once another thread had run torch on 2 threads.
+        So `python -m serve` keeps every other thread at 1 torch thread (`__main__.py`, `scoring.py`)."""
         self._thread.start()
+        self._ready.wait()
+        if self._start_error is not None:
+            raise self._start_error
 
     def stop(self) -> None:
         with self._cond:
@@ -253,6 +258,14 @@ class Engine:
         t0 = time.perf_counter()
         log.info("warming up the %s decode path (max_batch=%d%s)...", self.decode_path, self.max_batch,
                  ", int8" if self.quantize else "")
+        if self.quantize == "int8":  # measured on this thread, at the count its steps run with
+            layers = [m for m in self.model.modules() if isinstance(m, Int8Linear)]
+            if self._step is not None:
+                layers += self._step.fused_layers(Int8Linear)
+            t1 = time.perf_counter()
+            self.int8_tables = kernel_choice.choose(layers, self.max_batch)
+            log.info("int8 kernels by rows, measured in %.2f s: %s", time.perf_counter() - t1,
+                     kernel_choice.describe(self.int8_tables))
         token = self.eos_ids[0] if self.eos_ids else 0
         for threads in self.thread_chooser.counts if self.thread_chooser else [self.threads]:
             torch.set_num_threads(threads)  # oneDNN builds its kernels per thread count too
@@ -264,11 +277,21 @@ class Engine:
                 for _ in range(2):
                     batch.decode([int(logits[0].argmax())] * rows)
         torch.set_num_threads(self.threads)
+        if self.thread_chooser is not None:
+            self.thread_chooser.current = self.threads
         self.warmup_seconds = time.perf_counter() - t0
         cache = f", KV cache {self._batch.cache.nbytes / 2**20:.1f} MiB to start" if self._step is not None else ""
         log.info("warm-up done in %.2f s (%s decode path%s)", self.warmup_seconds, self.decode_path, cache)
 
     def _run(self) -> None:
+        try:
+            torch.set_num_threads(self.threads)
+            self._warmup()
+        except BaseException as exc:  # start() raises it in the caller
+            self._start_error = exc
+            return
+        finally:
+            self._ready.set()
         while True:
             with self._cond:
                 while not self._stopping and not self._waiting and not self._rows:

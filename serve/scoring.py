@@ -87,7 +87,11 @@ class PromptScorer:
 
     async def echo(self, prompts: list[list[int]], top: int | None) -> list[EchoedPrompt]:
         """Every prompt's echo (call from the event loop; the forward passes run on a worker thread)."""
-        return await asyncio.to_thread(lambda: [self.echo_one(p, top) for p in prompts])
+        return await asyncio.to_thread(self._echo_all, prompts, top)
+
+    def _echo_all(self, prompts: list[list[int]], top: int | None) -> list[EchoedPrompt]:
+        torch.set_num_threads(1)  # this worker thread stays single-threaded: see Engine.start
+        return [self.echo_one(p, top) for p in prompts]
 
 
 def finished_handle(prompts: list[list[int]], params: RequestSampling, n: int) -> RequestHandle:

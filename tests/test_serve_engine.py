@@ -22,7 +22,7 @@ def model_and_tokenizer(tiny_model_dir):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # the Engine sets it too; restored for whatever tests run next in this process
+    torch.set_num_threads(1)  # as `python -m serve` does; restored for whatever tests run next in this process
     yield AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval(), AutoTokenizer.from_pretrained(tiny_model_dir)
     torch.set_num_threads(threads)
 
@@ -144,6 +144,58 @@ def test_engine_batches_cancels_and_bounds_the_queue(model_and_tokenizer):
         engine.stop()
 
 
+def test_only_the_engine_thread_runs_torch_on_several_cores(tiny_model_dir, monkeypatch):
+    """libgomp keeps a team of workers for every thread that ever ran a parallel region, and with more of them than
+    cores it cuts their spinning short, which made a 2-thread decode step 3x slower (Engine.start). So the engine
+    leaves its caller's torch thread count alone and measures the int8 kernels, warms up and decodes on its own
+    thread, at its own count."""
+    import threading
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import serve.engine as engine_module
+
+    seen = []
+    choose = engine_module.kernel_choice.choose
+
+    def recording_choose(*args, **kwargs):
+        seen.append(("int8 kernels", threading.current_thread().name, torch.get_num_threads()))
+        return choose(*args, **kwargs)
+
+    monkeypatch.setattr(engine_module.kernel_choice, "choose", recording_choose)
+    caller = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+        engine = Engine(model, AutoTokenizer.from_pretrained(tiny_model_dir), max_batch=2, threads=2,
+                        quantize="int8")
+        decode_step = engine._decode_step
+
+        def recording_step():
+            seen.append(("decode", threading.current_thread().name, torch.get_num_threads()))
+            decode_step()
+
+        engine._decode_step = recording_step
+        assert torch.get_num_threads() == 1 and not seen  # nothing measured on the caller's thread
+        engine.start()
+        assert torch.get_num_threads() == 1
+
+        async def run():
+            handle = engine.submit([[5, 6, 7]], RequestSampling(max_tokens=4, temperature=0.0, ignore_eos=True))
+            return [d async for d in handle.deltas()]
+
+        try:
+            asyncio.run(run())
+        finally:
+            engine.stop()
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(caller)
+    assert seen[0] == ("int8 kernels", "serve-engine", 2)
+    assert {s[0] for s in seen} == {"int8 kernels", "decode"}
+    assert all(name == "serve-engine" and threads == 2 for _, name, threads in seen), seen
+
+
 def test_thread_chooser_runs_the_faster_count_and_keeps_trying_the_other():
     """Fed step times where 2 threads are faster at 1 row and 1 thread at 8 rows (a loaded box), it settles on
     each per batch-size class, tries the other count once every EXPLORE_EVERY steps, and follows a change."""
@@ -166,6 +218,27 @@ def test_thread_chooser_runs_the_faster_count_and_keeps_trying_the_other():
         threads = chooser.choose(1)
         chooser.record(1, threads, cost[1, threads])
     assert chooser.choose(1) == 1
+
+
+def test_thread_chooser_tries_a_much_slower_count_more_rarely():
+    """When the other count is 3x slower (2 threads behind an HTTP client on 2 cores), trying it every
+    EXPLORE_EVERY steps would cost ~6 % of the time: it is tried so that it costs at most EXPLORE_COST, and never
+    less often than every MAX_EXPLORE_EVERY steps."""
+    from serve.threads import EXPLORE_COST, EXPLORE_EVERY, MAX_EXPLORE_EVERY, ThreadChooser
+
+    for slow, every in ((6.0, 100), (2.4, EXPLORE_EVERY), (100.0, MAX_EXPLORE_EVERY)):
+        chooser = ThreadChooser([1, 2])
+        cost = {1: 2.0, 2: slow}
+        picks = []
+        for _ in range(4000):
+            threads = chooser.choose(1)
+            picks.append(threads)
+            chooser.record(1, threads, cost[threads])
+        assert chooser.interval(1) == every, slow
+        tries = picks[1000:].count(2)
+        assert tries == pytest.approx(3000 / every, abs=1.01), slow
+        if EXPLORE_EVERY < every < MAX_EXPLORE_EVERY:  # the extra time is EXPLORE_COST of the steps' time
+            assert tries * (slow - 2.0) <= EXPLORE_COST * 3000 * 2.0 + slow, slow
 
 
 def test_argmax_rows_is_torch_argmax_with_ties_infinities_and_nan():
