@@ -188,6 +188,7 @@ class DecodeStep:
         self.groups = self.heads // self.kv_heads
         self.window = int(cfg.keep_window_size)
         self.layers = [_Layer(layer, packed, dtype) for layer in model.model.layers[: cfg.num_hidden_layers]]
+        self._rope_table: tuple[torch.Tensor, torch.Tensor] | None = None  # cos, signed sin [positions, H]
         head = model.lm_head
         if packed and packed_linear.is_packable(head):  # a tied embedding keeps the dense tensor for its lookups
             model.lm_head = packed_linear.PackedLinear.of(head, dtype)
@@ -205,6 +206,34 @@ class DecodeStep:
     def num_layers(self) -> int:
         return len(self.layers)
 
+    # Rope types whose frequencies below the original context are the module's initial ones ("dynamic" NTK resets
+    # to them there; "default" and "linear" never change).
+    TABLE_ROPE_TYPES = ("default", "linear", "dynamic")
+
+    def rope(self, x: torch.Tensor, positions: torch.Tensor, keys: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin [B, 1, H] of the model's rotary module at `positions`, the first half of sin negated
+        (rotate_half(q) * sin == roll(q, H/2) * that sin).
+
+        Positions below the module's original context come from a table of the module's own output, built on the
+        first step (an outer product and cos/sin, elementwise, so each entry is bitwise what a call for that
+        position returns; tested): the module's forward, with transformers' dynamic-NTK bookkeeping around it,
+        took ~6 % of a Doge-20M step. Rows reaching past it (`keys`, the longest row's length, at or beyond
+        the original context) and other rope types call the module, as transformers does."""
+        rotary = self.model.model.rotary_emb
+        limit = getattr(rotary, "original_max_seq_len", 0)
+        if keys < limit and getattr(rotary, "rope_type", None) in self.TABLE_ROPE_TYPES:
+            if self._rope_table is None or self._rope_table[0].dtype != x.dtype:
+                cos, sin = rotary(x[:1], torch.arange(limit - 1)[None])  # [1, limit - 1, H]: seq_len below limit
+                self._rope_table = cos[0], self._signed(sin[0])
+            cos, sin = self._rope_table
+            return cos[positions][:, None], sin[positions][:, None]
+        cos, sin = rotary(x, positions[:, None])
+        return cos, self._signed(sin)
+
+    def _signed(self, sin: torch.Tensor) -> torch.Tensor:
+        half = self.head_dim // 2
+        return torch.cat([-sin[..., :half], sin[..., half:]], dim=-1)
+
     def dt(self, layer: int, values: torch.Tensor) -> torch.Tensor:
         """DMA bias of keys from their values [..., K, S, H] -> [..., K, S] (transformers' formula)."""
         attn = self.layers[layer].attn
@@ -221,9 +250,7 @@ class DecodeStep:
         N, K, G, H = self.heads, self.kv_heads, self.groups, self.head_dim
         minimum = torch.finfo(self.dtype).min
         x = self.model.model.embed_tokens(tokens)  # [B, D]
-        cos, sin = self.model.model.rotary_emb(x, positions[:, None])  # [B, 1, H]
-        # rotate_half(q) * sin == roll(q, H/2) * sin_signed, with the first half of sin negated.
-        sin = torch.cat([-sin[..., : H // 2], sin[..., H // 2 :]], dim=-1)
+        cos, sin = self.rope(x, positions, keys)  # [B, 1, H]; sin with its first half negated (see `rope`)
         slot = torch.arange(B)
         top_k = S > self.window  # the longest row holds S keys
         D = x.shape[-1]

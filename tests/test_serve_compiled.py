@@ -145,6 +145,36 @@ def test_decode_step_weight_layouts_keep_the_model_forward(tied, bias, packed):
         torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("rope", [None, {"rope_type": "dynamic", "factor": 4.0}, {"rope_type": "linear", "factor": 2.0}])
+def test_rope_table_is_bitwise_the_rotary_modules_output(rope):
+    """The step reads cos/sin below the original context from a table of the rotary module's own output: each entry
+    equals what a call for that position returns, also after a long prompt grew dynamic NTK's frequencies (the
+    module resets below the original context); at or past it the step calls the module."""
+    overrides = {"max_position_embeddings": 64}
+    if rope is not None:
+        overrides["rope_parameters"] = {"rope_theta": 10000.0, **rope}
+    model = random_doge(3, **overrides)
+    step = DecodeStep(model)
+    rotary, H = model.model.rotary_emb, step.head_dim
+    x = torch.randn(3, model.config.hidden_size)
+
+    def module(positions):
+        cos, sin = rotary(x, positions[:, None])
+        return cos, torch.cat([-sin[..., : H // 2], sin[..., H // 2 :]], dim=-1)
+
+    g = torch.Generator().manual_seed(0)
+    for grow in (False, True):
+        if grow:  # a prefill past the original context, as the model's forward would run it
+            rotary(x[:1], torch.arange(200)[None])
+        positions = torch.randint(0, 63, (3,), generator=g)
+        got = step.rope(x, positions, int(positions.max()) + 1)
+        want = module(positions)  # after the table lookup: the module's own bookkeeping, as transformers runs it
+        assert all(torch.equal(a, b) for a, b in zip(got, want)), (rope, grow)
+    far = torch.tensor([5, 70, 100])  # past the original context: the module itself, grown frequencies
+    got = step.rope(x, far, 101)
+    assert all(torch.equal(a, b) for a, b in zip(got, module(far)))
+
+
 def test_fused_parts_never_serve_a_stale_output():
     """A FusedPart slices the fused output computed for the same input tensor; asked twice, or for another
     tensor, or (outside inference mode) after the tensor changed in place, it computes again."""
