@@ -3,6 +3,7 @@ only its own data shard) matches the 1-process run of the same two shards, and i
 one process."""
 
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -40,6 +41,15 @@ def test_two_processes_match_one(tmp_path):
     for p, out in zip(procs, outs):
         assert p.returncode == 0, out[-3000:]
     assert "2 cpu devices [data=2 fsdp=1 tensor=1 expert=1] x 2 process(es)" in outs[0], outs[0][-2000:]
+    # The memory both hosts agree on (the smallest, gathered) is this host's RAM, as the 1-process run reads it:
+    # gathered as int32 bytes it wrapped modulo 4 GiB (negative on a 24 GB host).
+    def ram_gb(text):
+        found = re.search(r"available RAM / 1 local CPU device: ([0-9.-]+) GB", text)
+        assert found, text[-2000:]
+        return float(found.group(1))
+
+    one_gb, two_gb = ram_gb(single.stdout + single.stderr), ram_gb(outs[0])  # process 0 prints the line
+    assert one_gb > 0 and 0.5 * one_gb <= two_gb <= 1.5 * one_gb, (one_gb, two_gb)
 
     one, two = th.losses(str(tmp_path / "one")), th.losses(str(tmp_path / "two"))
     assert [s for s, _ in one] == [s for s, _ in two] == [1, 2, 3, 4]

@@ -85,7 +85,10 @@ def device_memory(devices, memory_limit_gb: float = 0.0) -> DeviceMemory:
         from jax.experimental import multihost_utils
         import numpy as np
 
-        limit = int(np.min(multihost_utils.process_allgather(np.asarray(limit, np.int64))))
+        # In whole MiB: process_allgather goes through jax arrays, which hold int32 unless x64 is on, and a byte
+        # count over 2 GiB wrapped (a 24 GB host read as -0.8 GB and refused every micro-batch).
+        mib = multihost_utils.process_allgather(np.asarray(limit >> 20, np.int32))
+        limit = int(np.min(np.asarray(mib, np.int64))) << 20
     return DeviceMemory(limit=limit, margin=margin, source=source)
 
 
