@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import re
 import time
 
 import httpx
@@ -258,18 +259,27 @@ def test_server_warms_up_before_health_answers(tiny_model_dir, tmp_path):
                            "--quantize", "int8", "--max-batch", "4")
     try:
         deadline = time.monotonic() + 120
+        healthy_at = None
         while time.monotonic() < deadline:
             try:
                 if httpx.get(server.url + "/health", timeout=2).status_code == 200:
+                    healthy_at = time.time()  # the first 200 has arrived by now
                     break
             except httpx.HTTPError:
                 pass
             assert server.proc.poll() is None, server.log()
             time.sleep(0.05)
+        assert healthy_at is not None, server.log()
+        while "warm-up done in" not in server.log_path.read_text(errors="replace") and time.time() < healthy_at + 10:
+            time.sleep(0.05)  # the app's log handler may write from a queue, after uvicorn's own lines
         log = server.log_path.read_text(errors="replace")
         assert "warming up the static decode path" in log and "int8 kernels by rows, measured in" in log, log
-        # Every line before the first 200 from /health: the warm-up finished before the app served anything.
-        assert log.index("warm-up done in") < log.index("Application startup complete"), log
+        # The warm-up finished before /health first answered: its record's time (asctime, truncated to the
+        # millisecond, local time) is not after the first 200.
+        stamp = re.search(r"(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d),(\d{3})\D[^\n]*warm-up done in", log)
+        assert stamp, log
+        done_at = time.mktime(time.strptime(stamp.group(1), "%Y-%m-%d %H:%M:%S")) + int(stamp.group(2)) / 1000
+        assert done_at <= healthy_at, (done_at, healthy_at, log)
         r = httpx.post(server.url + "/v1/completions", json={"model": "tiny-doge", "prompt": "The parser",
                                                              "max_tokens": 5, "temperature": 0}, timeout=60)
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] >= 1
