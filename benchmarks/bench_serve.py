@@ -4,7 +4,7 @@ at float32 / bfloat16 / int8, with 1, 2, 8 and 16 concurrent streaming clients, 
     python benchmarks/bench_serve.py                              # Doge-20M and Doge-60M shapes, everything
     python benchmarks/bench_serve.py --shapes 20m --clients 1,8 --repeats 3
     python benchmarks/bench_serve.py --threads-check --shapes 20m # the decode step: threads x OpenMP wait policy
-    python benchmarks/bench_serve.py --compile-check --shapes 20m # + the hand-written step vs torch.compile of it
+    python benchmarks/bench_serve.py --compile-check --shapes 20m # the decode step eager vs --compile
     python benchmarks/bench_serve.py --layout-check               # only the float32 linears: row/column-major, packed
 
 Models: each preset's shape (configs/doge_20m.py, configs/doge_60m.py) with its real 32,768 vocab, random weights
@@ -67,6 +67,8 @@ VARIANTS = {  # name: server flags
     "fp32": ["--dtype", "float32"],
     "bf16": ["--dtype", "bfloat16"],
     "int8": ["--quantize", "int8"],
+    "bf16 compiled": ["--dtype", "bfloat16", "--compile"],  # serve/compiled.py: minutes to start on 2 cores
+    "int8 compiled": ["--quantize", "int8", "--compile"],
     "dynamic fp32": ["--decode-path", "dynamic", "--dtype", "float32"],  # the model's own forward every step
 }
 DEFAULT_VARIANTS = "fp32,bf16,int8"
@@ -171,7 +173,8 @@ class Baselines:
 
 def converted(model, variant: str):
     """A copy of the float32 transformers `model` with its linears as the server holds them for `variant`:
-    bf16 (the static step's packed bfloat16 modules), or int8 on one kernel ("w8a16" / "w8a8")."""
+    bf16 (every linear on packed bfloat16: the bound for the server, which may keep small shapes float32), or
+    int8 on one kernel ("w8a16" / "w8a8")."""
     import torch
 
     from serve.decode_step import DecodeStep
@@ -179,7 +182,7 @@ def converted(model, variant: str):
 
     model = copy.deepcopy(model)
     if variant == "bf16":
-        DecodeStep(model, dtype=torch.bfloat16)
+        DecodeStep(model, packed=True, dtype=torch.bfloat16)
         return model
     quantize_linears(model)
     for m in model.modules():
@@ -348,7 +351,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
     p.add_argument("--no-quality", action="store_true", help="skip the trained tiny model's quality table")
     p.add_argument("--threads-check", action="store_true", help="time the decode step's thread settings, then exit")
-    p.add_argument("--compile-check", action="store_true")
+    p.add_argument("--compile-check", action="store_true", help="time the decode step eager vs --compile, then exit")
     p.add_argument("--layout-check", action="store_true", help="time the linear weight layouts, then exit")
     args = p.parse_args()
     counts = [int(c) for c in args.clients.split(",")]
@@ -379,7 +382,8 @@ def main() -> None:
             if args.compile_check:
                 from serve_checks import compile_check
 
-                compile_check(hf_dir, 64)
+                compile_check(hf_dir, 128)
+                continue
             if args.layout_check:
                 from serve_checks import layout_check
 
@@ -421,7 +425,7 @@ def main() -> None:
             print_agreement("random-weight model vs float32 over held-out stdlib prose (harsh: near-flat logits)",
                             harsh)
             del base
-            print(f"{'server':>12} {'clients':>7} {'TTFT p50':>9} {'p99':>7} {'tok/s/client':>12} {'aggregate':>10} "
+            print(f"{'server':>13} {'clients':>7} {'TTFT p50':>9} {'p99':>7} {'tok/s/client':>12} {'aggregate':>10} "
                   f"{'x gen fp32':>10} {'x gen bf16':>10} {'x sampler':>9} {'x 1 client':>10} {'x fp32':>7}",
                   flush=True)
             table = {}
@@ -433,13 +437,13 @@ def main() -> None:
                     table[variant, c] = m
                     one = table[variant, counts[0]]["aggregate"]
                     fp32 = table.get(("fp32", c))
-                    print(f"{variant:>12} {c:>7} {m['p50'] * 1e3:>7.0f}ms {m['p99'] * 1e3:>5.0f}ms "
+                    print(f"{variant:>13} {c:>7} {m['p50'] * 1e3:>7.0f}ms {m['p99'] * 1e3:>5.0f}ms "
                           f"{m['per_client']:>12.1f} {m['aggregate']:>10.1f} {m['aggregate'] / gen:>9.2f}x "
                           f"{m['aggregate'] / ref['generate bf16']:>9.2f}x {m['aggregate'] / smp:>8.2f}x "
                           f"{m['aggregate'] / one:>9.2f}x "
                           f"{(m['aggregate'] / fp32['aggregate']) if fp32 else float('nan'):>6.2f}x")
                 server = servers[variant]
-                print(f"{variant:>12}: ready {server.ready_s:.1f} s after launch (warm-up {server.warmup_s:.2f} s), "
+                print(f"{variant:>13}: ready {server.ready_s:.1f} s after launch (warm-up {server.warmup_s:.2f} s), "
                       f"peak RSS {rss[variant]:.0f} MiB" + "".join(f"; {k}" for k in kernels[variant]), flush=True)
             default = {"bfloat16": "bf16", "float32": "fp32"}[cpu.default_dtype()]  # the server's --dtype auto
 
@@ -450,6 +454,9 @@ def main() -> None:
             if shape == "20m" and one:
                 ratio(f"1 client >= 3x generate fp32 ({default})", one["aggregate"] / gen, 3.0)
                 ratio(f"1 client >= 1.0x doge-jax sampler ({default})", one["aggregate"] / smp, 1.0)
+                for v in (v for v in variants if "compiled" in v and (v, 1) in table):  # opt-in: --compile
+                    ratio(f"1 client >= 3x generate fp32 ({v})", table[v, 1]["aggregate"] / gen, 3.0)
+                    ratio(f"1 client >= 1.0x doge-jax sampler ({v})", table[v, 1]["aggregate"] / smp, 1.0)
                 if (default, 8) in table:
                     ratio(f"8 clients >= 4x 1 client ({default})",
                           table[default, 8]["aggregate"] / one["aggregate"], 4.0)

@@ -15,43 +15,49 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 
-def compile_check(hf_dir: Path, tokens: int) -> None:
-    """The hand-written decode step, eager vs `torch.compile` of the same function, batch 1, one thread."""
-    import types
+def compile_check(hf_dir: Path, tokens: int, dtype: str = "bfloat16") -> None:
+    """The static decode step eager against `compile=True` (serve/compiled.py), one thread, the same linear kinds
+    on both sides (measured once, on the eager one), batch 1 and batch 8, `tokens` tokens each; with the compile
+    time and whether both gave the same greedy tokens."""
+    import copy
 
     import torch
     from transformers import AutoModelForCausalLM
 
     from serve.decode_step import DecodeStep
+    from serve.kv_batch import KVBatch
+    from serve.static_cache import SlotBatch
 
     torch.set_num_threads(1)
     model = AutoModelForCausalLM.from_pretrained(hf_dir).eval()
-    step = DecodeStep(model)
-    plain = DecodeStep.__call__.__wrapped__  # without inference_mode: dynamo cannot trace inference tensors
-    K, H, cap = step.kv_heads, step.head_dim, 512
+    twin = copy.deepcopy(model)
+    eager = DecodeStep(model, dtype=getattr(torch, dtype), rows=(1, 8))
+    compiled = DecodeStep(twin, dtype=getattr(torch, dtype), kinds=eager.kinds, compile=True)
 
-    def run(fn) -> float:
-        cache = types.SimpleNamespace(keys=[torch.zeros(1, K, cap, H) for _ in step.layers],
-                                      values=[torch.zeros(1, K, cap, H) for _ in step.layers],
-                                      dts=[torch.zeros(1, K, cap) for _ in step.layers])
-        token, rows = torch.tensor([5]), torch.tensor([0])
+    def run(step, m, rows: int) -> tuple[float, list[int]]:
+        batch = SlotBatch(step, slots=rows, max_len=tokens + 8)
+        prefill, logits = KVBatch(m).prefill([[5 + r, 7, 11] for r in range(rows)])
+        batch.merge(prefill)
+        token = [int(t) for t in logits.argmax(-1)]
+        out = []
         t0 = time.perf_counter()
-        with torch.no_grad():
-            for p in range(tokens):
-                token = fn(step, token, torch.tensor([p]), cache, rows, p + 1).argmax(-1)
-        return tokens / (time.perf_counter() - t0)
+        for _ in range(tokens):
+            token = [int(t) for t in batch.decode(token).argmax(-1)]
+            out.append(token[0])
+        return (time.perf_counter() - t0) / tokens * 1e3, out
 
-    eager = [run(plain) for _ in range(3)]
-    compiled_fn = torch.compile(plain, dynamic=True)
     t0 = time.perf_counter()
-    run(compiled_fn)
-    first_s = time.perf_counter() - t0
-    compiled = [run(compiled_fn) for _ in range(3)]
-    compile_s = first_s - tokens / statistics.median(compiled)
-    print(f"compile check ({hf_dir.name}, batch 1, 1 thread, {tokens} tokens): eager step "
-          f"{statistics.median(eager):.1f} tok/s, torch.compile(dynamic=True) {statistics.median(compiled):.1f} "
-          f"tok/s after ~{compile_s:.0f} s compiling -> ratio {statistics.median(compiled) / statistics.median(eager):.2f}x",
-          flush=True)
+    for rows in (1, 8):
+        run(compiled, twin, rows)
+    compile_s = time.perf_counter() - t0
+    for rows in (1, 8):
+        e = [run(eager, model, rows) for _ in range(3)]
+        c = [run(compiled, twin, rows) for _ in range(3)]
+        e_ms, c_ms = statistics.median(r[0] for r in e), statistics.median(r[0] for r in c)
+        print(f"compile check ({hf_dir.name}, {dtype}, batch {rows}, 1 thread, {tokens} tokens, load "
+              f"{os.getloadavg()[0]:.1f}): eager step {e_ms:.2f} ms, compiled {c_ms:.2f} ms -> {e_ms / c_ms:.2f}x "
+              f"(compiling both batch classes took {compile_s:.0f} s; same greedy tokens: {e[0][1] == c[0][1]})",
+              flush=True)
 
 
 def layout_check(hf_dir: Path, threads: int) -> None:

@@ -51,6 +51,9 @@ def parse_args(argv: list[str] | None = None):
     p.add_argument("--quantize", default=None, choices=["int8"],
                    help="int8 linear layers and LM head, on the kernels measured fastest at start-up (faster; "
                         "logits change slightly; --dtype then applies only to layers left unquantised)")
+    p.add_argument("--compile", action="store_true",
+                   help="compile the decode step's layers with torch.compile (needs a C++ compiler; faster steps, "
+                        "a start-up of a minute or more the first time)")
     p.add_argument("--default-max-tokens", type=int, default=None,
                    help="chat budget when a request sets none (default: the rest of the context)")
     p.add_argument("--log-level", default="info")
@@ -68,6 +71,7 @@ def parse_args(argv: list[str] | None = None):
         threads=args.threads,
         decode_path=args.decode_path,
         quantize=args.quantize,
+        compile=args.compile,
         default_max_tokens=args.default_max_tokens,
         host=args.host,
         port=args.port,
@@ -88,6 +92,12 @@ def main(argv: list[str] | None = None) -> None:
     try:  # config.json and this CPU only: a refusal costs no model load and reads as one line, not a traceback
         check_remote_code(config.model, config.revision, config.trust_remote_code)
         resolve_dtype(config.dtype)
+        if config.compile:
+            from .compiled import compiler
+
+            if compiler() is None:
+                raise ValueError("--compile: torch.compile needs a C++ compiler (g++ or clang++) and none was "
+                                 "found; install one or start without --compile")
     except (RemoteCodeRefused, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None

@@ -210,7 +210,7 @@ def create_app(config: ServeConfig, engine: Engine | None = None, tokenizer=None
                 log.error("cannot load model %r: %s: %s", config.model, type(exc).__name__, exc)
                 raise
             state.engine = Engine(model, tok, config.max_batch, config.max_queue, config.threads,
-                                  config.decode_path, config.quantize, config.dtype)
+                                  config.decode_path, config.quantize, config.dtype, config.compile)
             state.tokenizer = tok
         state.scorer = scoring.PromptScorer(state.engine.model, state.tokenizer)
         await asyncio.to_thread(state.engine.start)

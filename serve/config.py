@@ -21,6 +21,9 @@ class ServeConfig:
     threads: int | None = None  # torch intra-op threads; None: every usable core (OpenMP waits passively)
     decode_path: str = "static"  # "static": slot cache + hand-written step (faster); "dynamic": the model's forward
     quantize: str | None = None  # "int8": int8 linears and LM head, kernels chosen by measurement at start-up
+    # The static step's layers through torch.compile (serve/compiled.py): faster steps, a slower start (minutes the
+    # first time on 2 cores), a C++ compiler needed.
+    compile: bool = False
     default_max_tokens: int | None = None  # chat default when the request sets none; None = rest of the context
     # Run the modeling code a model folder ships (config.json `auto_map`), as the first-layout SmallDoge exports
     # need. Off by default: that code runs with the server's rights, so it is the operator's explicit choice.
@@ -39,6 +42,9 @@ class ServeConfig:
             raise ValueError(f"decode_path={self.decode_path!r} must be one of static, dynamic")
         if self.quantize not in (None, "int8"):
             raise ValueError(f"quantize={self.quantize!r} must be int8 or unset")
+        if self.compile and self.decode_path != "static":
+            raise ValueError(f"compile=True compiles the static decode path, not decode_path={self.decode_path!r}; "
+                             "drop one of them")
         if self.default_max_tokens is not None and self.default_max_tokens < 1:
             raise ValueError(f"default_max_tokens={self.default_max_tokens} must be >= 1")
 

@@ -4,17 +4,16 @@ transformers' forward spends most of a Doge-20M decode step outside the matmuls 
 output wrappers, ~60 small ops a layer), and recomputes `dt_proj` over every cached key at every step. This step
 computes the same function for one new token per row with fewer ops: q/k/v and gate/up projections fused into one
 matmul each, one RMSNorm over q and k together, RoPE with a roll, and the DMA bias `dt` of each key computed once
-and cached beside K/V. Linears run on oneDNN's packed weights (`packed_linear.py`: 1.5-1.9x the step on MKL's
-F.linear in float32), in float32 or bfloat16 (`dtype`), which replace the model's own modules, so prefill through
-its forward uses them too and no weight is held twice; without those kernels the fused weights are dense
-float32, column-major (`_gemv_layout`), and the model's weights become views into them. In bfloat16 only the
-products are: embeddings, norms, `dt`, RoPE, the softmax, the residual stream and the KV cache stay float32.
+and cached beside K/V. Each weight shape's linears run on oneDNN's packed weights (`packed_linear.py`), in float32
+or bfloat16 (`dtype`), or on MKL with dense float32 column-major weights, whichever this CPU runs faster
+(`linear_choice.py`, measured when the step is built: which wins differs from one CPU to the next). Packed
+modules replace the model's own, and dense ones make the model's weights views into the fused tensors, so prefill
+through its forward uses them too and no weight is held twice. In bfloat16 only the packed products are: embeddings,
+norms, `dt`, RoPE, the softmax, the residual stream and the KV cache stay float32.
 
-Why not `torch.compile` on top: a Doge decode step is bound by reading the weights once the step is hand-written
-(Doge-20M's float32 LM head alone is 33.5 MB a token), so inductor has little left to win, and every server start
-would pay its compile. `benchmarks/bench_serve.py --compile-check` on the 2-core AMD EPYC box (torch 2.13, batch 1,
-1 thread, 32k vocab, box shared with other jobs, load ~13): Doge-20M 1.26x eager after 126 s of compiling,
-Doge-60M 0.73x after 322 s. An earlier version of this step, writing into global cache tensors, ran 0.5-0.6x.
+`torch.compile` on top is `--compile` (`compiled.py`: the layers, `layers_fn`, compiled by inductor): a faster
+step where per-call overhead dominates, for a start-up that compiles. `__call__` keeps the embedding, RoPE's
+table, the final norm and the LM head eager either way.
 
 It also runs the first SmallDoge layout (`convert/legacy/modeling_doge_legacy.py`: no q/k RMSNorm, `A`/`dt_proj`
 per attention head), whose bias is cached per attention head and not shared across a kv group.
@@ -33,28 +32,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import packed_linear
+from . import compiled, linear_choice, packed_linear
 from .fused import concat_bias, fuse_in_place
+from .linear_choice import dense_layout
 from .quantize import Int8Linear
-
-
-def _gemv_layout(weight: torch.Tensor) -> torch.Tensor:
-    """Float32 `weight` [O, I] stored column-major (its transpose contiguous): same values, shape and dtype.
-    The layout of the dense path (`DecodeStep(packed=False)`, or a torch without oneDNN's packed linear).
-
-    F.linear(x, W) computes x @ W^T. With W row-major, a batch-1 float32 call is MKL's GEMV; with W^T contiguous
-    it is MKL's GEMM, which streams the weight faster. `python benchmarks/bench_serve.py --layout-check` (2-core
-    AMD EPYC, 1 thread, row-major / column-major per call): Doge-20M q/k/v 46/32 us, o_proj 25/20, gate/up 93/65,
-    down 36/27, LM head 2719/1322; the whole decode step 6.08 -> 4.42 ms. Only strides differ, so the model's
-    own forward (prefill) runs on the same tensors."""
-    if weight.dtype != torch.float32 or weight.dim() != 2:
-        return weight
-    return weight.t().contiguous().t()
 
 
 def _relayout(linear: nn.Module) -> None:
     if type(linear) is nn.Linear:
-        linear.weight = nn.Parameter(_gemv_layout(linear.weight.detach()), requires_grad=False)
+        linear.weight = nn.Parameter(dense_layout(linear.weight.detach()), requires_grad=False)
 
 
 class _DenseFused:
@@ -62,7 +48,7 @@ class _DenseFused:
     (no copy)."""
 
     def __init__(self, linears: list[nn.Linear]):
-        weight = _gemv_layout(torch.cat([m.weight.detach() for m in linears]))  # [sum O, I]
+        weight = dense_layout(torch.cat([m.weight.detach() for m in linears]))  # [sum O, I]
         bias = concat_bias(linears)
         rows = 0
         for m in linears:
@@ -76,11 +62,16 @@ class _DenseFused:
         return F.linear(x, self.weight, self.bias)
 
 
-def _fuse(parent: nn.Module, names: list[str], packed: bool, dtype: torch.dtype):
-    """One matmul for `parent`'s linears `names`: oneDNN-packed in `dtype` when asked and all are float32
-    nn.Linear, int8 when all are `Int8Linear` (both through `fused.fuse_in_place`), else `_DenseFused`."""
+def _fused_shape(linears: list[nn.Module]) -> tuple[int, int]:
+    return sum(m.out_features for m in linears), linears[0].in_features
+
+
+def _fuse(parent: nn.Module, names: list[str], packed, dtype: torch.dtype):
+    """One matmul for `parent`'s linears `names`: oneDNN-packed in `dtype` where `packed(shape)` says so and all
+    are float32 nn.Linear, int8 when all are `Int8Linear` (both through `fused.fuse_in_place`), else
+    `_DenseFused`."""
     linears = [getattr(parent, n) for n in names]
-    if packed and all(packed_linear.is_packable(m) for m in linears):
+    if all(packed_linear.is_packable(m) for m in linears) and packed(_fused_shape(linears)):
         return fuse_in_place(parent, names, packed_linear.PackedLinear.fused(linears, dtype))
     if all(isinstance(m, Int8Linear) for m in linears):
         return fuse_in_place(parent, names, Int8Linear.concat(linears))
@@ -89,9 +80,9 @@ def _fuse(parent: nn.Module, names: list[str], packed: bool, dtype: torch.dtype)
     raise TypeError(f"cannot fuse {[type(m).__name__ for m in linears]}: mixed linear kinds")
 
 
-def _single(parent: nn.Module, name: str, packed: bool, dtype: torch.dtype) -> None:
+def _single(parent: nn.Module, name: str, packed, dtype: torch.dtype) -> None:
     linear = getattr(parent, name)
-    if packed and packed_linear.is_packable(linear):
+    if packed_linear.is_packable(linear) and packed((linear.out_features, linear.in_features)):
         setattr(parent, name, packed_linear.PackedLinear.of(linear, dtype))
     else:
         _relayout(linear)
@@ -104,7 +95,7 @@ def _direct(module):
 
 
 class _Layer:
-    def __init__(self, layer: nn.Module, packed: bool, dtype: torch.dtype):
+    def __init__(self, layer: nn.Module, packed, dtype: torch.dtype):
         attn = layer.self_attn
         self.attn, self.layer = attn, layer
         n, k = attn.q_proj.out_features // attn.head_dim, attn.k_proj.out_features // attn.head_dim
@@ -153,24 +144,64 @@ class _Layer:
         return out + torch.matmul(expert_weights[:, None, :], up)[:, 0]
 
 
+def _linear_shapes(model: nn.Module) -> dict[tuple[int, int], int]:
+    """{(out, in): count} of the float32 linears a decode step runs, q/k/v and gate/up fused: what
+    `linear_choice.choose` times."""
+    shapes: dict[tuple[int, int], int] = {}
+
+    def add(shape):
+        shapes[shape] = shapes.get(shape, 0) + 1
+
+    for layer in model.model.layers[: model.config.num_hidden_layers]:
+        attn, mlp = layer.self_attn, layer.mlp
+        for group in ([attn.q_proj, attn.k_proj, attn.v_proj], [mlp.gate_proj, mlp.up_proj]):
+            if all(packed_linear.is_packable(m) for m in group):
+                add(_fused_shape(group))
+        for m in (attn.o_proj, mlp.down_proj):
+            if packed_linear.is_packable(m):
+                add((m.out_features, m.in_features))
+    if packed_linear.is_packable(model.lm_head):
+        add((model.lm_head.out_features, model.lm_head.in_features))
+    return shapes
+
+
 class DecodeStep:
     """`step(tokens, positions, cache, rows, keys)`: next-token logits [len(rows), V], one new token per slot."""
 
-    def __init__(self, model: nn.Module, packed: bool | None = None, dtype: torch.dtype = torch.float32):
-        """packed: linears on oneDNN's packed layout (serve/packed_linear.py; the model's modules are replaced,
-        prefill included); None: when this torch has the kernels; False: dense column-major float32 weights.
-        dtype: the packed weights' dtype, float32 or bfloat16 (which needs packed). The model is float32."""
+    def __init__(self, model: nn.Module, packed: bool | None = None, dtype: torch.dtype = torch.float32,
+                 rows: tuple[int, ...] = (1,), kinds: dict[tuple[int, int], str] | None = None,
+                 compile: bool = False):
+        """packed: True: every float32 linear on oneDNN's packed layout in `dtype` (serve/packed_linear.py; the
+        model's modules are replaced, prefill included); False: dense column-major float32 weights; None: per
+        weight shape, whichever of the two runs faster here at `rows` rows (`linear_choice.py`, measured now),
+        dense only where this torch lacks the packed kernels. kinds: {(out, in): "packed" | "dense"} given instead
+        of measuring. dtype: the packed weights' dtype, float32 or bfloat16 (bfloat16 needs the packed kernel;
+        shapes kept dense stay float32). The model is float32. compile: the layers through torch.compile
+        (`compiled.py`; the first steps of each batch-size class compile them)."""
         cfg = model.config
         if model.dtype != torch.float32:
             raise ValueError(f"model dtype={model.dtype}: the static decode path takes a float32 model (its linears "
                              "are converted to `dtype` here)")
-        if packed is None:
-            packed = packed_linear.available(dtype)
-        if packed and not packed_linear.available(dtype):
-            raise ValueError(f"dtype={dtype}: this torch build has no oneDNN packed linear for it")
-        if not packed and dtype != torch.float32:
+        available = packed_linear.available(dtype)
+        if packed is False and dtype != torch.float32:
             raise ValueError(f"dtype={dtype} needs oneDNN's packed linear (packed=True); dense weights are float32")
-        self.packed, self.weight_dtype = packed, dtype
+        if (packed or dtype != torch.float32) and not available:
+            raise ValueError(f"dtype={dtype}: this torch build has no oneDNN packed linear for it")
+        shapes = _linear_shapes(model)
+        self.kind_seconds: dict[tuple[int, int], dict[str, float]] = {}
+        if kinds is not None:
+            unknown = [k for k in kinds.values() if k not in linear_choice.KINDS]
+            if unknown:
+                raise ValueError(f"kinds={kinds}: {unknown} not in {linear_choice.KINDS}")
+            if "packed" in kinds.values() and not available:
+                raise ValueError(f"kinds asks for packed {dtype}: this torch build has no oneDNN packed linear for it")
+            self.kinds = {shape: kinds.get(shape, "dense") for shape in shapes}
+        elif packed is None and available:
+            self.kinds, self.kind_seconds = linear_choice.choose(shapes, dtype, rows)
+        else:
+            self.kinds = {shape: "packed" if packed else "dense" for shape in shapes}
+        self.packed = "packed" in self.kinds.values()  # some linears run packed
+        self.weight_dtype = dtype
         if getattr(cfg, "sliding_window", None) is not None:
             raise ValueError(f"sliding_window={cfg.sliding_window}: the static decode path does not implement it")
         first = model.model.layers[0].self_attn
@@ -187,16 +218,22 @@ class DecodeStep:
         self.head_dim = attn.head_dim
         self.groups = self.heads // self.kv_heads
         self.window = int(cfg.keep_window_size)
-        self.layers = [_Layer(layer, packed, dtype) for layer in model.model.layers[: cfg.num_hidden_layers]]
+        is_packed = self.is_packed
+        self.layers = [_Layer(layer, is_packed, dtype) for layer in model.model.layers[: cfg.num_hidden_layers]]
         self._rope_table: tuple[torch.Tensor, torch.Tensor] | None = None  # cos, signed sin [positions, H]
         head = model.lm_head
-        if packed and packed_linear.is_packable(head):  # a tied embedding keeps the dense tensor for its lookups
+        # a packed head: a tied embedding keeps the dense tensor for its lookups
+        if packed_linear.is_packable(head) and is_packed((head.out_features, head.in_features)):
             model.lm_head = packed_linear.PackedLinear.of(head, dtype)
         elif type(head) is nn.Linear:  # the tied embedding gets the same re-laid-out tensor (rows stay gatherable)
-            weight = nn.Parameter(_gemv_layout(head.weight.detach()), requires_grad=False)
+            weight = nn.Parameter(dense_layout(head.weight.detach()), requires_grad=False)
             if model.model.embed_tokens.weight is head.weight:
                 model.model.embed_tokens.weight = weight
             head.weight = weight
+        self.compiled_layers = compiled.compile_layers(self) if compile else None
+
+    def is_packed(self, shape: tuple[int, int]) -> bool:
+        return self.kinds.get(shape) == "packed"
 
     def fused_layers(self, kind: type) -> list:
         """The fused q/k/v and gate/up layers of class `kind` (they are not submodules of the model)."""
@@ -246,11 +283,23 @@ class DecodeStep:
         """tokens [B], positions [B] (the cache column each new token goes to), rows: the slots to return,
         keys: max(positions) + 1, the key columns read (a Python int, so a traced graph has no data-dependent
         shape)."""
-        B, S = tokens.shape[0], keys
-        N, K, G, H = self.heads, self.kv_heads, self.groups, self.head_dim
-        minimum = torch.finfo(self.dtype).min
         x = self.model.model.embed_tokens(tokens)  # [B, D]
         cos, sin = self.rope(x, positions, keys)  # [B, 1, H]; sin with its first half negated (see `rope`)
+        # The compiled layers (compiled.py) cover rows within the DMA window; past it, the top-k runs eagerly.
+        layers = self.compiled_layers if self.compiled_layers is not None and keys <= self.window else self.layers_fn
+        x = layers(x, cos, sin, positions, cache.keys, cache.values, cache.dts, keys)
+        norm = self.model.model.norm
+        x = F.rms_norm(x[rows], (x.shape[-1],), norm.weight, norm.variance_epsilon)
+        return self.model.lm_head(x).float()  # [rows, V]
+
+    def layers_fn(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor,
+                  k_caches: list[torch.Tensor], v_caches: list[torch.Tensor], dt_caches: list[torch.Tensor],
+                  keys: int) -> torch.Tensor:
+        """The decoder layers on the new tokens' embeddings x [B, D]: writes each layer's key, value and `dt` at
+        `positions`, attends over the first `keys` columns, returns the last hidden state [B, D]."""
+        B, S = x.shape[0], keys
+        N, K, G, H = self.heads, self.kv_heads, self.groups, self.head_dim
+        minimum = torch.finfo(self.dtype).min
         slot = torch.arange(B)
         top_k = S > self.window  # the longest row holds S keys
         D = x.shape[-1]
@@ -263,7 +312,7 @@ class DecodeStep:
                 qk = F.rms_norm(qk, (H,), None, lay.qk_norm_eps) * lay.qk_norm_weight
             qk = torch.addcmul(qk * cos, qk.roll(H // 2, dims=-1), sin)  # RoPE, [B, N + K, H]
             v = qkv[:, (N + K) * H :].view(B, K, H)
-            k_cache, v_cache, dt_cache = cache.keys[i], cache.values[i], cache.dts[i]  # [slots, K, cap(, H)]
+            k_cache, v_cache, dt_cache = k_caches[i], v_caches[i], dt_caches[i]  # [slots, K, cap(, H)]
             k_cache[slot, :, positions] = qk[:, N:]
             v_cache[slot, :, positions] = v
             dt_cache[slot, :, positions] = torch.exp(lay.A * F.softplus(lay.dt_proj(v.reshape(B, K * H))))
@@ -279,6 +328,4 @@ class DecodeStep:
             # transformers: input_residual * residual + attention output (addcmul: the same product and sum)
             x = torch.addcmul(lay.o_proj(out.reshape(B, N * H)), lay.input_residual, residual)
             x = torch.addcmul(lay.mlp(F.rms_norm(x, (D,), *lay.post_norm)), lay.post_residual, x)
-        norm = self.model.model.norm
-        x = F.rms_norm(x[rows], (x.shape[-1],), norm.weight, norm.variance_epsilon)
-        return self.model.lm_head(x).float()  # [rows, V]
+        return x

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from . import cpu, kernel_choice, packed_linear
+from . import cpu, kernel_choice, linear_choice, packed_linear
 from .decode_step import DecodeStep
 from .detokenize import IncrementalDetokenizer
 from .kv_batch import KVBatch
@@ -141,11 +141,15 @@ def resolve_dtype(dtype: str) -> torch.dtype:
 
 class Engine:
     def __init__(self, model, tokenizer, max_batch: int = 16, max_queue: int = 64, threads: int | None = None,
-                 decode_path: str = "static", quantize: str | None = None, dtype: str = "auto"):
+                 decode_path: str = "static", quantize: str | None = None, dtype: str = "auto",
+                 compile: bool = False):
         """model: float32 (its linears become `dtype` or int8 here); dtype: "auto" (bfloat16 where the CPU has
-        bf16 dot products, else float32), "float32" or "bfloat16"; ignored for layers `quantize` makes int8."""
+        bf16 dot products, else float32), "float32" or "bfloat16"; ignored for layers `quantize` makes int8.
+        compile: the static step's layers through torch.compile (compiled.py), compiled during the warm-up."""
         if decode_path not in DECODE_PATHS:
             raise ValueError(f"decode_path={decode_path!r} must be one of {DECODE_PATHS}")
+        if compile and decode_path != "static":
+            raise ValueError(f"compile=True compiles the static decode path, not decode_path={decode_path!r}")
         if quantize not in QUANTIZE:
             raise ValueError(f"quantize={quantize!r} must be one of {QUANTIZE}")
         if model.dtype != torch.float32:
@@ -171,10 +175,15 @@ class Engine:
         self._step = None
         if decode_path == "static":
             try:
-                self._step = DecodeStep(self.model, dtype=self.dtype)
-                log.info("static decode path: linears %s", f"on oneDNN packed {_name(self.dtype)} weights"
-                         if self._step.packed else "dense float32, column-major (no oneDNN packed linear here)")
+                t0 = time.perf_counter()
+                self._step = DecodeStep(self.model, dtype=self.dtype, rows=tuple(sorted({1, max_batch})),
+                                        compile=compile)
+                measured = f"measured in {time.perf_counter() - t0:.2f} s" if self._step.kind_seconds else "fixed"
+                log.info("static decode path: linears by shape (%s): %s", measured,
+                         linear_choice.describe(self._step.kinds, self.dtype))
             except ValueError as exc:
+                if compile:  # asked for the compiled static step: no quiet fallback to an uncompiled path
+                    raise ValueError(f"compile=True needs the static decode path, unavailable here: {exc}") from None
                 log.warning("static decode path unavailable (%s); decoding through the model's forward", exc)
         if self._step is None and self.dtype != torch.float32:
             packed_linear.pack_in_place(self.model, self.dtype, KEEP_FLOAT32)
@@ -256,8 +265,11 @@ class Engine:
         """A prefill and decode steps at batch 1 and at `max_batch`, so no request pays for lazy initialisation
         (allocator, oneDNN/MKL kernels chosen per shape). Runs before the server answers /health."""
         t0 = time.perf_counter()
-        log.info("warming up the %s decode path (max_batch=%d%s)...", self.decode_path, self.max_batch,
-                 ", int8" if self.quantize else "")
+        compiling = self._step is not None and self._step.compiled_layers is not None
+        log.info("warming up the %s decode path (max_batch=%d%s%s)...", self.decode_path, self.max_batch,
+                 ", int8" if self.quantize else "",
+                 ", compiling its layers with torch.compile: a minute or more when inductor's cache is cold"
+                 if compiling else "")
         if self.quantize == "int8":  # measured on this thread, at the count its steps run with
             layers = [m for m in self.model.modules() if isinstance(m, Int8Linear)]
             if self._step is not None:
@@ -451,6 +463,3 @@ def _eos_ids(model, tokenizer) -> list[int]:
         ids.update(value if isinstance(value, (list, tuple)) else [value])
     return sorted(int(i) for i in ids)
 
-
-def _name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")

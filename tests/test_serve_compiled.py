@@ -146,6 +146,85 @@ def test_decode_step_weight_layouts_keep_the_model_forward(tied, bias, packed):
         torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
 
 
+def test_linear_kinds_are_measured_per_shape_and_a_mix_decodes_what_generate_decodes():
+    """Built without `packed`, the step times oneDNN-packed against dense float32 on each weight shape and keeps
+    the faster (`linear_choice.py`); whatever mix that gives must decode exactly what generate decodes, so a
+    forced mix of both kinds (each fused group, single linear and the LM head on its own kind) is checked too."""
+    from serve import linear_choice, packed_linear
+
+    if not packed_linear.available():
+        pytest.skip("this torch has no oneDNN packed linear")
+    model = random_doge(seed=5, intermediate_size=96)  # gate/up [192, 64] and o_proj [64, 64] differ from q/k/v
+    prompt = distinct_prompt(24, seed=11)
+    expected = greedy_generate(model, prompt, 12)
+
+    measured = DecodeStep(copy.deepcopy(model), rows=(1, 4))
+    qkv, gate_up, o, down, head = (4 * 16 + 2 * 2 * 16, 64), (192, 64), (64, 64), (64, 96), (VOCAB, 64)
+    assert list(measured.kinds) == [qkv, gate_up, o, down, head]
+    for shape, kind in measured.kinds.items():
+        seconds = measured.kind_seconds[shape]  # {kind: [seconds at 1 row, at 4 rows]}
+        assert set(seconds) == {"packed", "dense"} and all(len(t) == 2 and min(t) > 0 for t in seconds.values())
+        best = [min(seconds["packed"][i], seconds["dense"][i]) for i in range(2)]
+        slowdown = {k: sum(t / b for t, b in zip(ts, best)) for k, ts in seconds.items()}
+        assert kind == min(slowdown, key=slowdown.__getitem__)
+    described = linear_choice.describe(measured.kinds, torch.float32).split("; ")
+    assert [d.split(" ", 1)[0] for d in described] == [f"[{o}x{i}]" for o, i in measured.kinds]
+
+    kinds = {qkv: "packed", gate_up: "dense", o: "dense", down: "packed", head: "packed"}
+    mixed = copy.deepcopy(model)
+    step = DecodeStep(mixed, kinds=kinds)
+    assert step.kinds == kinds and step.kind_seconds == {}
+    attn, mlp = mixed.model.layers[0].self_attn, mixed.model.layers[0].mlp
+    assert isinstance(attn.q_proj, FusedPart) and isinstance(attn.o_proj, torch.nn.Linear)
+    assert mlp.gate_proj.weight.stride()[0] == 1  # a view of the dense fused [192, 64] weight, column-major
+    assert isinstance(mlp.down_proj, packed_linear.PackedLinear)
+    assert isinstance(mixed.lm_head, packed_linear.PackedLinear)
+    for chosen_model, chosen in ((mixed, step), (measured.model, measured)):
+        batch = SlotBatch(chosen, slots=1, max_len=64)
+        prefill, logits = KVBatch(chosen_model).prefill([prompt])
+        batch.merge(prefill)
+        tokens = [int(logits[0].argmax())]
+        while len(tokens) < len(expected):
+            tokens.append(int(batch.decode([tokens[-1]])[0].argmax()))
+        assert tokens == expected
+    with pytest.raises(ValueError, match="kinds=.*'fast'"):
+        DecodeStep(copy.deepcopy(model), kinds={qkv: "fast"})
+
+
+def test_compiled_layers_decode_what_generate_decodes():
+    """`compile=True` (compiled.py): inductor compiles the layers once for batch 1 and once for any larger batch;
+    packed layers reach it through the opaque custom op, dense ones as matmuls. Greedy tokens must equal
+    generate's with one row, then two, and after a row passes the DMA window (whose top-k runs the eager layers)."""
+    from serve import packed_linear
+
+    model = random_doge(seed=1, keep_window_size=40)
+    prompts = [distinct_prompt(n, seed=i) for i, n in enumerate([5, 30])]
+    new = 16  # 30 + 16 passes the window of 40
+    expected = [greedy_generate(model, p, new) for p in prompts]
+    qkv, gate_up, o, down, head = (4 * 16 + 2 * 2 * 16, 64), (256, 64), (64, 64), (64, 128), (VOCAB, 64)
+    kinds = {qkv: "packed", gate_up: "dense", o: "dense", down: "packed", head: "packed"}
+    if not packed_linear.available():
+        kinds = {shape: "dense" for shape in kinds}
+    step = DecodeStep(model, kinds=kinds, compile=True)
+    eager_calls = []
+    eager = step.layers_fn
+    step.layers_fn = lambda *args: eager_calls.append(args[-1]) or eager(*args)
+    batch = SlotBatch(step, slots=2, max_len=64)
+    produced = []
+    for i, prompt in enumerate(prompts):
+        prefill, logits = KVBatch(model).prefill([prompt])
+        batch.merge(prefill)
+        produced.append([int(logits[0].argmax())])
+        steps = new - 1 if i == 1 else 4  # the first row decodes alone for 4 steps, then beside the second
+        for _ in range(steps):
+            live = [r for r, toks in enumerate(produced) if len(toks) < new]
+            logits = batch.decode([toks[-1] for toks in produced])
+            for r in live:
+                produced[r].append(int(logits[r].argmax()))
+    assert [p[: new] for p in produced] == expected
+    assert eager_calls and min(eager_calls) == 41  # only steps past the window ran eagerly
+
+
 @pytest.mark.parametrize("rope", [None, {"rope_type": "dynamic", "factor": 4.0}, {"rope_type": "linear", "factor": 2.0}])
 def test_rope_table_is_bitwise_the_rotary_modules_output(rope):
     """The step reads cos/sin below the original context from a table of the rotary module's own output: each entry

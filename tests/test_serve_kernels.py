@@ -50,7 +50,7 @@ def test_bfloat16_decode_step_keeps_norms_dt_and_cache_in_float32():
     torch.manual_seed(0)
     model = DogeForCausalLM(DogeConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)).eval()
-    step = DecodeStep(model, dtype=torch.bfloat16)
+    step = DecodeStep(model, packed=True, dtype=torch.bfloat16)
     attn, mlp = model.model.layers[0].self_attn, model.model.layers[0].mlp
     assert step.layers[0].qkv.dtype == torch.bfloat16 and step.layers[0].gate_up.dtype == torch.bfloat16
     assert attn.o_proj.dtype == mlp.down_proj.dtype == model.lm_head.dtype == torch.bfloat16

@@ -68,13 +68,28 @@ def test_missing_model_fails_with_a_clear_message(tmp_path):
 
 
 @pytest.mark.parametrize("argv, message", [(["--max-batch", "0"], "max_batch=0"), (["--dtype", "int8"], "int8"),
-                                           (["--dtype", "float16"], "float16")])
+                                           (["--dtype", "float16"], "float16"),
+                                           (["--compile", "--decode-path", "dynamic"], "decode_path='dynamic'")])
 def test_bad_flags(argv, message, capsys):
     from serve.__main__ import parse_args
 
     with pytest.raises((SystemExit, ValueError)) as exc:
         parse_args(["--model", "x", *argv])
     assert message in str(exc.value) + capsys.readouterr().err
+
+
+def test_compile_without_a_cpp_compiler_is_one_line_before_loading(tmp_path):
+    """--compile needs inductor's C++ compiler: without one the server says so in one line and exits 2, before
+    loading anything (the model path does not even exist here)."""
+    from serve_fixtures import _free_port
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO), "CXX": str(tmp_path / "no-such-g++"),
+           "PATH": str(tmp_path)}  # nor a g++ on PATH
+    out = subprocess.run([sys.executable, "-m", "serve", "--model", str(tmp_path / "absent"), "--compile", "--port",
+                          str(_free_port())], env=env, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2, out.stderr[-2000:]
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: --compile: torch.compile needs a C++ compiler"), lines
 
 
 def test_openmp_waits_passively_before_torch_loads():

@@ -61,7 +61,7 @@ def convert(model, variant: str):
     """A copy holding its linears as the server does for `variant`; int8 on that one kernel at every batch size."""
     model = copy.deepcopy(model)
     if variant == "bf16":
-        return model, DecodeStep(model, dtype=torch.bfloat16)
+        return model, DecodeStep(model, packed=True, dtype=torch.bfloat16)  # every linear in bf16: the bound
     quantize_linears(model)
     step = DecodeStep(model)
     for m in [*model.modules(), *step.fused_layers(Int8Linear)]:
