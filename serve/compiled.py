@@ -2,9 +2,10 @@
 
 At batch 1 a Doge-20M step is a few hundred small ATen calls, and on some CPUs each costs far more than the
 arithmetic it does. Measured on the 2-core Intel Xeon (family 6 model 207, torch 2.13, 1 thread, Doge-20M shape,
-dense float32 layers, bf16 packed LM head; `python benchmarks/bench_serve.py --compile-check`): the eager step
-4.32 ms, with its layers compiled 2.54 ms, the same greedy tokens. Inductor fuses the norms, RoPE, the `dt`
-bias and the residuals into a few C++ loops, and the C++ wrapper calls the rest without Python in between.
+the kinds `linear_choice.py` picks, bf16; `python benchmarks/bench_serve.py --compile-check --shapes 20m`): the
+eager step 4.81 ms, with its layers compiled 3.31 ms, the same greedy tokens (batch 8: 7.20 -> 5.73 ms).
+Inductor fuses the norms, RoPE, the `dt` bias and the residuals into a few C++ loops, and the C++ wrapper calls
+the rest without Python in between.
 
 What is compiled is `DecodeStep.layers_fn` only: the embedding lookup, RoPE's table, the final norm and the LM
 head stay eager (the head is one call, bound by its bytes). Linears on dense float32 weights are ordinary
@@ -14,7 +15,8 @@ matmuls to inductor; oneDNN-packed and int8 layers are opaque to it, so each is 
 
 The cost is compile time when the server starts: inductor compiles one program for batch 1 and one for any
 larger batch and key length (dynamic shapes; the warm-up runs both before /health answers). On the 2-core Xeon
-that is ~45 s and ~65 s the first time; inductor's on-disk cache (`TORCHINDUCTOR_CACHE_DIR`, by default under
+that is 64-100 s for Doge-20M and ~310 s for Doge-60M the first time (where, bound by its bytes, it gained
+nothing); inductor's on-disk cache (`TORCHINDUCTOR_CACHE_DIR`, by default under
 the system temp dir) makes later starts with the same model shape faster. It needs a C++ compiler (inductor's
 requirement); without one the server refuses to start with a one-line error saying so.
 """

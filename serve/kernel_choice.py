@@ -28,11 +28,23 @@ def row_counts(max_rows: int) -> list[int]:
     return counts + [max_rows]
 
 
-def _time(layers: list[Int8Linear], x: torch.Tensor, kernel: str) -> float:
-    t0 = time.perf_counter()
-    for layer in layers:
-        layer.run(x, kernel)
-    return time.perf_counter() - t0
+def fastest_of(runs: dict, repeats: int, before=None) -> dict:
+    """{name: best seconds of one call of runs[name]()}: each run once to warm up (first calls build kernels and
+    fill caches), then `repeats` rounds alternating between them, `before()` (if given) ahead of every sample and
+    outside its time. Shared with linear_choice.py."""
+    best = {name: float("inf") for name in runs}
+    for run in runs.values():
+        if before is not None:
+            before()
+        run()
+    for _ in range(repeats):
+        for name, run in runs.items():
+            if before is not None:
+                before()
+            t0 = time.perf_counter()
+            run()
+            best[name] = min(best[name], time.perf_counter() - t0)
+    return best
 
 
 @torch.inference_mode()
@@ -48,12 +60,7 @@ def choose(layers: list[Int8Linear], max_rows: int, repeats: int = 5) -> dict[tu
         table: list[tuple[int, str]] = []
         for rows in row_counts(max_rows):
             x = torch.randn(rows, shape[1], generator=g)
-            best = {k: float("inf") for k in kernels}
-            for kernel in kernels:  # first calls pack weights and warm caches
-                _time(group, x, kernel)
-            for _ in range(repeats):
-                for kernel in kernels:
-                    best[kernel] = min(best[kernel], _time(group, x, kernel))
+            best = fastest_of({k: lambda k=k: [layer.run(x, k) for layer in group] for k in kernels}, repeats)
             fastest = min(kernels, key=best.__getitem__)
             if table and table[-1][1] == fastest:
                 table[-1] = (rows, fastest)

@@ -10,8 +10,8 @@ packed won everywhere (the whole Doge-20M step 3.62 ms packed against 3.88 ms de
 2-core Intel Xeon (family 6 model 207, AVX-512 BF16, no AMX exposed) that later ran the same code, torch's
 `mkldnn._linear_pointwise` costs ~27 us a call beyond the ~9 us oneDNN itself reports for a 512 x 256 product, so
 at 1 thread a Doge-20M q/k/v product takes 36 us packed in bf16 against 6 us dense in float32, while the 32768 x 256
-LM head, bound by its bytes, takes 0.81 ms packed bf16 against 1.32 ms dense float32
-(`python benchmarks/bench_serve.py --layout-check`). So the step times both on every distinct weight shape it
+LM head, bound by its bytes, takes 0.81 ms packed bf16 against 1.32 ms dense float32 (each shape timed alone,
+hot in cache). So the step times both on every distinct weight shape it
 holds, at 1 row and at the engine's largest batch, and gives each shape the kernel with the lower sum of
 slowdowns (each row count's time over that row count's best), so batch 1 and a full batch weigh alike. A shape
 kept dense under `--dtype bfloat16` stays float32: exact, and slower to read only where the measurement said the
@@ -22,19 +22,17 @@ float32 so a big model does not double its memory while measuring), run one afte
 Before every sample a buffer as large as all the step's float32 weights (capped at `FLUSH_CAP`) is read once, as
 the rest of a decode step reads its other weights between two uses of one layer: the weights of a model that fits
 the cache stay cached, those of one that does not are timed from memory. Without that, Doge-60M's shapes were
-timed from cache one at a time and went dense float32, and its server ran slower in "bf16" than in float32 (45.3
-against 51.1 tok/s at 1 client on the Xeon). Samples of the two kernels alternate and the fastest of `repeats`
-counts, so a neighbour's burst on a shared box hits both alike.
+timed from cache one at a time and went dense float32, a step of 24.4 ms at batch 1 on the Xeon (1 thread)
+against 15.2 ms with the packed bf16 the flushed timing picks. Samples of the two kernels alternate and the
+fastest of `repeats` counts, so a neighbour's burst on a shared box hits both alike.
 """
 
 from __future__ import annotations
 
-import time
-
 import torch
 import torch.nn.functional as F
 
-from . import packed_linear
+from . import kernel_choice, packed_linear
 
 KINDS = ("packed", "dense")
 BYTES_CAP = 64 * 2**20  # float32 bytes of random weights timed per shape
@@ -52,14 +50,6 @@ def dense_layout(weight: torch.Tensor) -> torch.Tensor:
     if weight.dtype != torch.float32 or weight.dim() != 2:
         return weight
     return weight.t().contiguous().t()
-
-
-def _time(kernels: list, x: torch.Tensor, flush: torch.Tensor) -> float:
-    flush.sum()  # the rest of a step's weights pass through the cache in between
-    t0 = time.perf_counter()
-    for kernel in kernels:
-        kernel(x)
-    return time.perf_counter() - t0
 
 
 @torch.inference_mode()
@@ -86,12 +76,9 @@ def choose(shapes: dict[tuple[int, int], int], dtype: torch.dtype, rows: tuple[i
         times = {kind: [] for kind in candidates}
         for n in rows:
             x = torch.randn(n, inp, generator=g)
-            best = {kind: float("inf") for kind in candidates}
-            for kernels in candidates.values():  # first calls build oneDNN/MKL kernels and warm caches
-                _time(kernels, x, flush)
-            for _ in range(repeats):
-                for kind, kernels in candidates.items():
-                    best[kind] = min(best[kind], _time(kernels, x, flush))
+            # the rest of a step's weights pass through the cache before every sample (`flush`)
+            best = kernel_choice.fastest_of({kind: lambda ks=ks: [k(x) for k in ks] for kind, ks in candidates.items()},
+                                            repeats, before=flush.sum)
             for kind in candidates:
                 times[kind].append(best[kind])
         fastest = [min(t[i] for t in times.values()) for i in range(len(rows))]
