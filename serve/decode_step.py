@@ -34,7 +34,7 @@ from torch import nn
 
 from . import compiled, linear_choice, packed_linear
 from .fused import concat_bias, fuse_in_place
-from .linear_choice import dense_layout
+from .layout import dense_layout
 from .quantize import Int8Linear
 
 

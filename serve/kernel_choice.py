@@ -1,15 +1,20 @@
-"""Which int8 kernel multiplies each layer shape at each batch size: measured on this machine at start-up.
+"""Which kernel multiplies each int8 layer shape at each batch size: measured on this machine at start-up.
 
 The two int8 kernels (`quantize.py`) cross over somewhere between one row and a full batch, and where depends on
 the shape, the CPU, its cache and the load: on the 2-core EPYC one run chose w8a8 for Doge-20M's LM head from 2
 rows, for gate/up from 8 and for q/k/v from 16, and w8a16 for o_proj and down_proj at every size; another run
-moved each crossover by a step. So the engine times both on the model's own layers, grouped by shape, at 1, 2, 4, ...
-rows up to `--max-batch`, and gives every layer a table (rows -> kernel). Each sample runs the whole group (e.g.
-all 8 fused q/k/v layers) once, as a decode step reads them; samples of the kernels alternate, and the fastest of
+moved each crossover by a step. A third candidate is the layer's own float32 weight on MKL ("float", for layers
+quantised with `keep_float`, as the server does): on the 2-core Intel Xeon (family 6 model 207) the int8 kernels
+cost 12-27 us a call on Doge-20M's small products against 4-6 us for float32, whose time there is call overhead,
+not bytes, while the 32768 x 256 LM head, bound by its bytes, takes 0.66 ms in w8a16 against 1.32 ms in float32.
+So the engine times every candidate on the model's own layers, grouped by shape, at 1, 2, 4, ... rows up to
+`--max-batch`, and gives every layer a table (rows -> kernel); a float copy no row count chose is dropped. Each
+sample runs the whole group (e.g. all 8 fused q/k/v layers) once, as a decode step reads them, after reading a
+buffer as large as all the layers' float32 weights (`flush_buffer`: weights that fit the cache beside the rest
+stay cached, those that do not are timed from memory); samples of the kernels alternate, and the fastest of
 `repeats` counts, so a neighbour's burst on a shared box hits both sides alike. Prefill (many rows) uses the
 largest batch's choice.
 """
-
 from __future__ import annotations
 
 import time
@@ -19,6 +24,9 @@ import torch
 from .quantize import ANY_ROWS, Int8Linear, available
 
 
+FLUSH_CAP = 1 << 30  # bytes of the buffer read between samples
+
+
 def row_counts(max_rows: int) -> list[int]:
     """1, 2, 4, ... below `max_rows`, and `max_rows` itself."""
     counts, rows = [], 1
@@ -26,6 +34,12 @@ def row_counts(max_rows: int) -> list[int]:
         counts.append(rows)
         rows *= 2
     return counts + [max_rows]
+
+
+def flush_buffer(total_bytes: int) -> torch.Tensor:
+    """A float32 buffer of `total_bytes` (at most `FLUSH_CAP`): its `.sum()` before a sample reads as many bytes as
+    a decode step reads of its other weights between two uses of one layer."""
+    return torch.ones(max(1, min(total_bytes, FLUSH_CAP) // 4))
 
 
 def fastest_of(runs: dict, repeats: int, before=None) -> dict:
@@ -49,18 +63,23 @@ def fastest_of(runs: dict, repeats: int, before=None) -> dict:
 
 @torch.inference_mode()
 def choose(layers: list[Int8Linear], max_rows: int, repeats: int = 5) -> dict[tuple[int, int], list[tuple[int, str]]]:
-    """Measure, set every layer's table, and return {(out, in) shape: table}."""
-    kernels = available()
+    """Measure, set every layer's table, and return {(out, in) shape: table}. "float" is a candidate for a shape
+    whose layers all hold their float weight (`keep_float`)."""
     groups: dict[tuple[int, int], list[Int8Linear]] = {}
     for layer in layers:
         groups.setdefault((layer.out_features, layer.in_features), []).append(layer)
+    # the bytes the layers hold now: float32 where the float weight is kept (an upper bound on what a step reads)
+    flush = flush_buffer(sum(layer.out_features * layer.in_features * (4 if layer.float_weight is not None else 1)
+                             for layer in layers))
     g = torch.Generator().manual_seed(0)  # not the global RNG: a seeded run's stream must not move
     tables = {}
     for shape, group in groups.items():
+        kernels = available() + (("float",) if all(layer.float_weight is not None for layer in group) else ())
         table: list[tuple[int, str]] = []
         for rows in row_counts(max_rows):
             x = torch.randn(rows, shape[1], generator=g)
-            best = fastest_of({k: lambda k=k: [layer.run(x, k) for layer in group] for k in kernels}, repeats)
+            best = fastest_of({k: lambda k=k: [layer.run(x, k) for layer in group] for k in kernels}, repeats,
+                              before=flush.sum)
             fastest = min(kernels, key=best.__getitem__)
             if table and table[-1][1] == fastest:
                 table[-1] = (rows, fastest)
@@ -69,12 +88,13 @@ def choose(layers: list[Int8Linear], max_rows: int, repeats: int = 5) -> dict[tu
         table[-1] = (ANY_ROWS, table[-1][1])
         for layer in group:
             layer.set_table(table)
+            layer.drop_unused_float()
         tables[shape] = table
     return tables
 
 
 def describe(tables: dict[tuple[int, int], list[tuple[int, str]]]) -> str:
-    """'[512x256] <=2 rows w8a16, more w8a8; ...' for the log."""
+    """'[512x256] <=2 rows float, more w8a8; ...' for the log ("float": the layer's float32 weight kept)."""
     def one(table):
         return ", ".join(f"{'<=' + str(r) + ' rows' if r < ANY_ROWS else 'more'} {k}" for r, k in table)
 

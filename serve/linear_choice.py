@@ -19,7 +19,7 @@ read does not dominate.
 
 The weights timed are random, of the real shapes, as many as the step holds of each (capped at `BYTES_CAP` of
 float32 so a big model does not double its memory while measuring), run one after another as a step reads them.
-Before every sample a buffer as large as all the step's float32 weights (capped at `FLUSH_CAP`) is read once, as
+Before every sample a buffer as large as all the step's float32 weights (capped at `kernel_choice.FLUSH_CAP`) is read once, as
 the rest of a decode step reads its other weights between two uses of one layer: the weights of a model that fits
 the cache stay cached, those of one that does not are timed from memory. Without that, Doge-60M's shapes were
 timed from cache one at a time and went dense float32, a step of 24.4 ms at batch 1 on the Xeon (1 thread)
@@ -33,23 +33,10 @@ import torch
 import torch.nn.functional as F
 
 from . import kernel_choice, packed_linear
+from .layout import dense_layout
 
 KINDS = ("packed", "dense")
 BYTES_CAP = 64 * 2**20  # float32 bytes of random weights timed per shape
-FLUSH_CAP = 1 << 30  # bytes of the buffer read between samples
-
-
-def dense_layout(weight: torch.Tensor) -> torch.Tensor:
-    """Float32 `weight` [O, I] stored column-major (its transpose contiguous): same values, shape and dtype.
-
-    F.linear(x, W) computes x @ W^T. With W row-major, a batch-1 float32 call is MKL's GEMV; with W^T contiguous
-    it is MKL's GEMM, which streams the weight faster. `python benchmarks/bench_serve.py --layout-check` (2-core
-    AMD EPYC, 1 thread, row-major / column-major per call): Doge-20M q/k/v 46/32 us, o_proj 25/20, gate/up 93/65,
-    down 36/27, LM head 2719/1322; the whole decode step 6.08 -> 4.42 ms. Only strides differ, so the model's
-    own forward (prefill) runs on the same tensors."""
-    if weight.dtype != torch.float32 or weight.dim() != 2:
-        return weight
-    return weight.t().contiguous().t()
 
 
 @torch.inference_mode()
@@ -60,7 +47,7 @@ def choose(shapes: dict[tuple[int, int], int], dtype: torch.dtype, rows: tuple[i
     lowest. "packed" only where this torch has the kernel for `dtype`."""
     kinds = KINDS if packed_linear.available(dtype) else ("dense",)
     total_bytes = sum(out * inp * 4 * count for (out, inp), count in shapes.items())
-    flush = torch.ones(min(total_bytes, FLUSH_CAP) // 4)
+    flush = kernel_choice.flush_buffer(total_bytes)
     g = torch.Generator().manual_seed(0)  # not the global RNG: a seeded run's stream must not move
     choice, seconds = {}, {}
     for (out, inp), count in shapes.items():

@@ -1,4 +1,5 @@
-"""Int8 weights for a transformers model's linear layers and LM head (`--quantize int8`), on two CPU kernels.
+"""Int8 weights for a transformers model's linear layers and LM head (`--quantize int8`), on two CPU kernels, or
+float32 where neither is faster.
 
 Each output channel gets one symmetric scale (max |w| / 127, rounded up to a bfloat16 value, so that the w8a16
 kernel's bfloat16 scales are exact and |q| <= 127); the weights are int8, a quarter of float32's bytes. Doge-20M's
@@ -18,6 +19,11 @@ the call has (`Int8Linear.table`, set per layer shape by measuring both at start
   (a seeded request samples the same tokens whatever else is decoding). Offered only where the CPU has VNNI:
   without it fbgemm's u8 x s8 pairs saturate 16-bit sums unless the input range is halved.
 
+- "float": the layer's own float32 weight (column-major, `layout.dense_layout`) on MKL, exact. Kept only by
+  `keep_float=True` (the server's `quantize_linears`), measured beside the int8 kernels, and dropped once no row
+  count chose it. Small products are call overhead rather than bytes on some CPUs, and there float32 is both
+  faster and exact (see `kernel_choice.py`); `--quantize int8` promises int8 where it is faster, not everywhere.
+
 The embedding table stays float32 (a lookup reads one row); a tied LM head gets its own int8 copy.
 `_weight_int8pack_mm` needs `in_features` to be a multiple of 16 (smaller or odd widths gave wrong results or
 crashed on torch 2.13): other layers stay float32, and `quantize_linears` reports how many. `dt_proj` stays
@@ -36,12 +42,15 @@ import functools
 import warnings
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .fused import concat_bias
+from .layout import dense_layout
 
 KERNEL_WIDTH = 16  # in_features must be a multiple of this for _weight_int8pack_mm
-KERNELS = ("w8a16", "w8a8")
+INT8_KERNELS = ("w8a16", "w8a8")
+KERNELS = INT8_KERNELS + ("float",)  # "float": the kept float32 weight
 _PAD = 4  # the +1, -1 range columns of the w8a8 input, padded to a multiple of 4 (VNNI's k-step)
 
 
@@ -87,10 +96,12 @@ class Int8Linear(nn.Module):
     """y = x W^T + b with W stored as int8 [O, I] and one bfloat16-exact float scale per output row.
 
     `table`: (most rows, kernel) pairs, ascending; a call with M rows runs the kernel of the first entry with
-    most rows >= M (the last entry's beyond). Set by `kernel_choice.choose`; until then `default_table()`."""
+    most rows >= M (the last entry's beyond). Set by `kernel_choice.choose`; until then `default_table()`.
+    `float_weight`: the float32 weight [O, I] (column-major) the "float" kernel multiplies, or None; freed by
+    `drop_unused_float` once a measured table does not use it."""
 
     def __init__(self, qweight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None,
-                 table: list[tuple[int, str]] | None = None):
+                 table: list[tuple[int, str]] | None = None, float_weight: torch.Tensor | None = None):
         super().__init__()
         self.in_features, self.out_features = qweight.shape[1], qweight.shape[0]
         self.register_buffer("qweight", qweight)  # [O, I] int8
@@ -98,10 +109,13 @@ class Int8Linear(nn.Module):
         self.scales_bf16 = scales.to(torch.bfloat16)  # the w8a16 kernel's
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
         self._fbgemm = None  # packed for w8a8 on first use
+        self.float_weight = float_weight
         self.set_table(table if table is not None else default_table())
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, table: list[tuple[int, str]] | None = None) -> "Int8Linear":
+    def from_linear(cls, linear: nn.Linear, table: list[tuple[int, str]] | None = None,
+                    keep_float: bool = False) -> "Int8Linear":
+        """keep_float: also hold the float32 weight, for the "float" kernel (a copy, column-major)."""
         w = linear.weight.detach().float()  # [O, I]
         # Round the scale up to a bfloat16 value: the w8a16 kernel takes bf16 scales, rounding up keeps |q| <= 127.
         scales = (w.abs().amax(dim=1) / 127.0).clamp(min=1e-12)
@@ -109,29 +123,42 @@ class Int8Linear(nn.Module):
         scales_bf16 = torch.where(scales_bf16.float() < scales, _bf16_next_up(scales_bf16), scales_bf16)
         q = torch.round(w / scales_bf16.float()[:, None]).clamp(-127, 127).to(torch.int8)
         bias = None if linear.bias is None else linear.bias.detach().clone()
-        return cls(q.contiguous(), scales_bf16, bias, table)
+        return cls(q.contiguous(), scales_bf16, bias, table, dense_layout(w) if keep_float else None)
 
     @classmethod
     def concat(cls, parts: list["Int8Linear"]) -> "Int8Linear":
         """One layer computing every part's outputs side by side (scales are per row, so this is exact)."""
+        floats = [p.float_weight for p in parts]
+        float_weight = dense_layout(torch.cat(floats)) if all(f is not None for f in floats) else None
         return cls(torch.cat([p.qweight for p in parts]), torch.cat([p.scales for p in parts]), concat_bias(parts),
-                   parts[0].table)
+                   parts[0].table, float_weight)
 
     def dequantized(self) -> torch.Tensor:
         return self.qweight.float() * self.scales[:, None]  # [O, I]
 
     def set_table(self, table: list[tuple[int, str]]) -> None:
+        """Run `table` from now on (the float weight stays until `drop_unused_float`)."""
         for _, kernel in table:
             if kernel not in KERNELS:
                 raise ValueError(f"kernel={kernel!r} must be one of {KERNELS}")
+        uses_float = any(kernel == "float" for _, kernel in table)
+        if uses_float and self.float_weight is None:
+            raise ValueError("kernel='float' needs the layer's float weight: quantise with keep_float=True")
         self.table = sorted(table)
         self._rows = [rows for rows, _ in self.table]
+
+    def drop_unused_float(self) -> None:
+        """Free the float weight if the table does not use it (after the measurement)."""
+        if all(kernel != "float" for _, kernel in self.table):
+            self.float_weight = None
 
     def kernel_for(self, rows: int) -> str:
         return self.table[min(bisect.bisect_left(self._rows, rows), len(self.table) - 1)][1]
 
     def run(self, x: torch.Tensor, kernel: str) -> torch.Tensor:
         """x [M, I] float32 -> [M, O] float32 on `kernel`, without the bias."""
+        if kernel == "float":
+            return F.linear(x, self.float_weight)
         if kernel == "w8a16":
             return torch.ops.aten._weight_int8pack_mm(x.to(torch.bfloat16), self.qweight, self.scales_bf16).float()
         if self._fbgemm is None:
@@ -151,7 +178,8 @@ class Int8Linear(nn.Module):
     def extra_repr(self) -> str:
         table = ", ".join(f"{'<=' + str(rows) if rows < ANY_ROWS else 'more'} rows: {kernel}"
                           for rows, kernel in self.table)
-        return f"in_features={self.in_features}, out_features={self.out_features}, int8 ({table})"
+        held = "int8 and float32" if self.float_weight is not None else "int8"
+        return f"in_features={self.in_features}, out_features={self.out_features}, {held} ({table})"
 
 
 ANY_ROWS = 1 << 30
@@ -178,8 +206,9 @@ def _bf16_next_up(x: torch.Tensor) -> torch.Tensor:
 KEEP_FLOAT = ("dt_proj",)  # linears kept in float32 by name (see the module docstring)
 
 
-def quantize_linears(model: nn.Module) -> tuple[int, list[str]]:
-    """Replace every `nn.Linear` of `model` (LM head included) but `KEEP_FLOAT` by an `Int8Linear`, in place.
+def quantize_linears(model: nn.Module, keep_float: bool = False) -> tuple[int, list[str]]:
+    """Replace every `nn.Linear` of `model` (LM head included) but `KEEP_FLOAT` by an `Int8Linear`, in place;
+    keep_float: each also holds its float32 weight until `kernel_choice.choose` has measured it (the server).
 
     Returns (how many were quantised, names of the linears left in float32 because of the kernel's width rule).
     """
@@ -192,6 +221,6 @@ def quantize_linears(model: nn.Module) -> tuple[int, list[str]]:
             if child.in_features % KERNEL_WIDTH:
                 skipped.append(full)
                 continue
-            setattr(module, child_name, Int8Linear.from_linear(child))
+            setattr(module, child_name, Int8Linear.from_linear(child, keep_float=keep_float))
             done += 1
     return done, skipped

@@ -191,6 +191,36 @@ def test_linear_kinds_are_measured_per_shape_and_a_mix_decodes_what_generate_dec
         DecodeStep(copy.deepcopy(model), kinds={qkv: "fast"})
 
 
+def test_int8_layers_kept_float_decode_what_generate_decodes():
+    """`--quantize int8` keeps each layer's float32 weight until the kernel choice has measured it
+    (kernel_choice.py); where a table says "float", fused or not, LM head included, the step is float32's: at 1 row
+    here up to 32 rows (the 24-token prefill and each decode step) it must decode exactly what generate decodes;
+    more rows run the int8 kernel."""
+    from serve.quantize import ANY_ROWS, Int8Linear, available, quantize_linears
+
+    if not available():
+        pytest.skip("no int8 kernel runs on this CPU")
+    model = random_doge(seed=6, intermediate_size=96)
+    prompt = distinct_prompt(24, seed=12)
+    expected = greedy_generate(model, prompt, 12)
+    quantised = copy.deepcopy(model)
+    quantize_linears(quantised, keep_float=True)
+    step = DecodeStep(quantised)
+    layers = [m for m in quantised.modules() if isinstance(m, Int8Linear)] + step.fused_layers(Int8Linear)
+    assert isinstance(quantised.lm_head, Int8Linear) and len(step.fused_layers(Int8Linear)) == 2 * len(step.layers)
+    for layer in layers:
+        layer.set_table([(32, "float"), (ANY_ROWS, available()[0])])
+        layer.drop_unused_float()
+        assert layer.float_weight is not None and layer.kernel_for(33) == available()[0]
+    batch = SlotBatch(step, slots=2, max_len=64)
+    prefill, logits = KVBatch(quantised).prefill([prompt])
+    batch.merge(prefill)
+    tokens = [int(logits[0].argmax())]
+    while len(tokens) < len(expected):
+        tokens.append(int(batch.decode([tokens[-1]])[0].argmax()))
+    assert tokens == expected
+
+
 def test_compiled_layers_decode_what_generate_decodes():
     """`compile=True` (compiled.py): inductor compiles the layers once for batch 1 and once for any larger batch;
     packed layers reach it through the opaque custom op, dense ones as matmuls. Greedy tokens must equal

@@ -5,6 +5,8 @@ test_serve_quality.py's."""
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 from transformers import DogeConfig, DogeForCausalLM
@@ -12,7 +14,7 @@ from transformers import DogeConfig, DogeForCausalLM
 from serve import cpu, kernel_choice, packed_linear
 from serve.decode_step import DecodeStep
 from serve.engine import Engine, resolve_dtype
-from serve.quantize import ANY_ROWS, KERNELS, Int8Linear, available, quantize_linears
+from serve.quantize import ANY_ROWS, INT8_KERNELS, Int8Linear, available, quantize_linears
 
 from serve_fixtures import tiny_model_dir  # noqa: F401  (pytest fixture)
 
@@ -72,7 +74,7 @@ def test_int8_weights_are_within_half_a_step():
     assert quantize_linears(torch.nn.Sequential(torch.nn.Linear(8, 4), torch.nn.Linear(32, 4))) == (1, ["0"])
 
 
-@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("kernel", INT8_KERNELS)
 def test_int8_kernel_computes_the_dequantised_product(kernel):
     """w8a16 rounds the activations and output to bfloat16; w8a8 rounds each row of activations to 255 levels
     over [-max|x|, max|x|] (a step of 2 max|x| / 255), so |dy_o| <= step / 2 * sum_i |W_oi|."""
@@ -129,6 +131,49 @@ def test_kernel_choice_gives_every_layer_of_a_shape_one_table():
         assert all(kernel in available() for _, kernel in table)
         assert [r for r, _ in table] == sorted(r for r, _ in table)
     assert "[96x64]" in kernel_choice.describe(tables)
+
+
+def test_float_kernel_is_the_kept_float_product_until_a_table_drops_it():
+    dense = linear(96, 64, seed=7)
+    x = torch.randn(5, 64, generator=torch.Generator().manual_seed(7))
+    q = Int8Linear.from_linear(dense, table=[(2, "float"), (ANY_ROWS, available()[0])], keep_float=True)
+    assert q.float_weight.stride() == (1, 96)  # column-major: MKL's GEMM at small batches (layout.py)
+    with torch.inference_mode():
+        ref = torch.nn.functional.linear(x, dense.weight, dense.bias)
+        assert torch.allclose(q(x[:2]), ref[:2], rtol=1e-6, atol=1e-6)  # float32 both, only the summation order
+        assert not torch.equal(q(x), ref)  # 5 rows: the int8 kernel
+        halves = Int8Linear.concat([q, Int8Linear.from_linear(linear(32, 64, seed=8), keep_float=True)])
+        assert torch.equal(halves.float_weight[:96], dense.weight.detach())
+        q.drop_unused_float()
+        assert q.float_weight is not None  # its table still uses it
+        q.set_table([(ANY_ROWS, available()[0])])
+        q.drop_unused_float()
+    assert q.float_weight is None  # no row count uses it: its bytes go
+    with pytest.raises(ValueError, match="kernel='float' needs the layer's float weight"):
+        q.set_table([(ANY_ROWS, "float")])
+    with pytest.raises(ValueError, match="kernel='float' needs"):
+        Int8Linear.from_linear(dense, table=[(ANY_ROWS, "float")])
+
+
+def test_kernel_choice_measures_the_kept_float_weight_beside_int8(monkeypatch):
+    """"float" is a candidate where every layer of a shape kept its float weight, and wins where it is timed
+    fastest: here the int8 kernels are made slow, so every table is float; without float weights it is int8."""
+    layers = [Int8Linear.from_linear(linear(o, 64, seed=i), keep_float=True) for i, o in enumerate((96, 96, 512))]
+    mixed = Int8Linear.from_linear(linear(40, 64, seed=9), keep_float=True)
+    plain = Int8Linear.from_linear(linear(40, 64, seed=10))  # no float weight: the 40x64 group stays int8
+    run = Int8Linear.run
+
+    def slow_int8(self, x, kernel):
+        if kernel != "float":
+            time.sleep(0.002)
+        return run(self, x, kernel)
+
+    monkeypatch.setattr(Int8Linear, "run", slow_int8)
+    tables = kernel_choice.choose([*layers, mixed, plain], max_rows=4, repeats=1)
+    assert tables[96, 64] == tables[512, 64] == [(ANY_ROWS, "float")]
+    assert all(k in available() for _, k in tables[40, 64]) and mixed.float_weight is None
+    assert all(layer.float_weight is not None for layer in layers)
+    assert "[96x64] more float" in kernel_choice.describe(tables)
 
 
 def test_cpu_facts_name_the_flags_and_pick_the_dtype():
