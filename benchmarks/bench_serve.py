@@ -173,16 +173,28 @@ class Baselines:
 
 def converted(model, variant: str):
     """A copy of the float32 transformers `model` with its linears as the server holds them for `variant`:
-    bf16 (every linear on packed bfloat16: the bound for the server, which may keep small shapes float32), or
-    int8 on one kernel ("w8a16" / "w8a8")."""
+    bf16 (every linear on packed bfloat16: the bound for the server, which may keep small shapes float32),
+    int8 on one kernel ("w8a16" / "w8a8"), or "served@N": `--quantize int8` as the server measures it here (float32
+    kept per shape and row count where faster, `serve/kernel_choice.py`, for up to 16 rows), every layer on the
+    kernel its table gives N rows."""
     import torch
 
+    from serve import kernel_choice
     from serve.decode_step import DecodeStep
     from serve.quantize import ANY_ROWS, Int8Linear, quantize_linears
 
     model = copy.deepcopy(model)
     if variant == "bf16":
         DecodeStep(model, packed=True, dtype=torch.bfloat16)
+        return model
+    if variant.startswith("served@"):
+        quantize_linears(model, keep_float=True)
+        step = DecodeStep(model)  # fuses q/k/v and gate/up as the server does; the model's forward runs them
+        layers = [m for m in model.modules() if isinstance(m, Int8Linear)] + step.fused_layers(Int8Linear)
+        kernel_choice.choose(layers, 16)
+        rows = int(variant.removeprefix("served@"))
+        for m in layers:
+            m.set_table([(ANY_ROWS, m.kernel_for(rows))])
         return model
     quantize_linears(model)
     for m in model.modules():
@@ -230,7 +242,7 @@ def quality_on_trained_model() -> dict:
     model, tokenizer = train_tiny_doge()
     ids = tokenizer("\n\n".join(pydoc_eval_text()))["input_ids"]
     ids = torch.tensor(ids[: 16 * 128]).view(16, 128)  # [B, T]
-    return agreement(model, ids, ["bf16", *int8_kernels()])
+    return agreement(model, ids, ["bf16", *int8_kernels(), "served@1", "served@16"])
 
 
 def agreement_on_bench_model(hf_dir: Path) -> dict:
@@ -245,7 +257,8 @@ def agreement_on_bench_model(hf_dir: Path) -> dict:
     tokenizer = AutoTokenizer.from_pretrained(hf_dir)
     text = "\n\n".join(filter(None, (inspect.getdoc(o) for m in (email, http) for _, o in inspect.getmembers(m))))
     ids = torch.tensor(tokenizer(text)["input_ids"][: 4 * 256]).view(4, 256)  # [B, T]
-    return agreement(AutoModelForCausalLM.from_pretrained(hf_dir).eval(), ids, ["bf16", *int8_kernels()])
+    return agreement(AutoModelForCausalLM.from_pretrained(hf_dir).eval(), ids,
+                     ["bf16", *int8_kernels(), "served@1", "served@16"])
 
 
 def print_agreement(title: str, result: dict) -> None:
@@ -254,7 +267,7 @@ def print_agreement(title: str, result: dict) -> None:
           f"{base['ppl']:.3f}, {base['decided'] * 100:.1f} % of positions with a top-2 margin >= 0.1):")
     for variant, r in result.items():
         if variant != "fp32":
-            print(f"  {variant:6s} top-1 agreement {r['top1'] * 100:6.2f} % (margin >= 0.1: "
+            print(f"  {variant:9s} top-1 agreement {r['top1'] * 100:6.2f} % (margin >= 0.1: "
                   f"{r['top1_decided'] * 100:6.2f} %), perplexity {r['ppl']:.3f} ({(r['ppl'] / base['ppl'] - 1) * 100:+.2f} %), max |dlogit| "
                   f"{r['max']:.3f}", flush=True)
 
@@ -368,6 +381,8 @@ def main() -> None:
             print_agreement("quality vs float32: tiny Doge trained on stdlib prose, teacher-forced over the pydoc "
                             "eval text", quality := quality_on_trained_model())
             base = quality["fp32"]
+            # per kernel, every layer int8; "served@N" (printed above) is the server's measured mix, which on this
+            # tiny model's overhead-bound shapes may be float32 throughout: not a measure of int8
             for kernel in int8_kernels():
                 top1, ppl = quality[kernel]["top1"], quality[kernel]["ppl"] / base["ppl"] - 1
                 goals.append((f"int8 {kernel} top-1 agreement >= 99 %", f"{top1 * 100:.2f} %", top1 >= 0.99))
