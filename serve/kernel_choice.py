@@ -4,10 +4,11 @@ The two int8 kernels (`quantize.py`) cross over somewhere between one row and a 
 the shape, the CPU, its cache and the load: on the 2-core EPYC one run chose w8a8 for Doge-20M's LM head from 2
 rows, for gate/up from 8 and for q/k/v from 16, and w8a16 for o_proj and down_proj at every size; another run
 moved each crossover by a step. A third candidate is the layer's own float32 weight on MKL ("float", for layers
-quantised with `keep_float`, as the server does): on the 2-core Intel Xeon (family 6 model 207) the int8 kernels
-cost 12-27 us a call on Doge-20M's small products against 4-6 us for float32, whose time there is call overhead,
-not bytes, while the 32768 x 256 LM head, bound by its bytes, takes 0.66 ms in w8a16 against 1.32 ms in float32.
-So the engine times every candidate on the model's own layers, grouped by shape, at 1, 2, 4, ... rows up to
+quantised with `keep_float`, as the server does). On the 2-core Intel Xeon (family 6 model 207, 1 thread, 1 row,
+the 8 layers of a Doge-20M shape in turn) float32 took 14-45 us a layer, w8a16 23-48 and w8a8 48-62 from the cache,
+and with a step's worth of other weights read in between float32 and w8a16 tied (29-64 against 33-61 us); from 8
+rows up float32 won, where the int8 server had fallen behind float32. The 32768 x 256 LM head, bound by its bytes,
+stays int8 (0.66 ms in w8a16 against 1.32 ms in float32). So the engine times every candidate on the model's own layers, grouped by shape, at 1, 2, 4, ... rows up to
 `--max-batch`, and gives every layer a table (rows -> kernel); a float copy no row count chose is dropped. Each
 sample runs the whole group (e.g. all 8 fused q/k/v layers) once, as a decode step reads them, after reading a
 buffer as large as all the layers' float32 weights (`flush_buffer`: weights that fit the cache beside the rest
