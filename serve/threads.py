@@ -13,24 +13,33 @@ trying it costs at most `EXPLORE_COST` of the time (at most every `MAX_EXPLORE_E
 client on the 2-core box, a 2-thread step of Doge-20M takes ~5 ms against ~2 ms on one thread (the client and
 the event loop hold the second core), and trying it every 32nd step cost ~5 % of one stream's tokens/s. An
 explicit `--threads` turns this off.
+
+The estimate of each count is the median of its last `WINDOW` steps, not a moving average: on the 2-core Xeon
+(KVM; Doge-60M bf16 step at batch 1, passive OpenMP) single 2-thread steps of 35-85 ms came among ones of 18-23
+ms, several a minute (more often the first after a run of 1-thread steps, which wakes the other core's sleeping
+worker), and one of them pushed a moving average past the 1-thread time (~25 ms) for a hundred steps or more. In
+process, one request then decoded at 17-21 ms a token under the chooser against 12-15 with 2 threads fixed.
 """
 
 from __future__ import annotations
 
+import collections
 import math
+import statistics
 
 import torch
 
 EXPLORE_EVERY = 32  # steps of one batch-size class between two tries of the count not in use, at least
 MAX_EXPLORE_EVERY = 256  # ... and at most
 EXPLORE_COST = 0.02  # the share of step time that trying the slower count may cost
-SMOOTHING = 0.25  # weight of the newest step in the moving average
+WINDOW = 5  # steps per (batch-size class, count) whose median is the estimate
 
 
 class ThreadChooser:
     def __init__(self, counts: list[int]):
         self.counts = sorted(set(counts))
-        self.estimate: dict[tuple[int, int], float] = {}  # (class, threads) -> seconds per step
+        self.estimate: dict[tuple[int, int], float] = {}  # (class, threads) -> seconds per step (the median)
+        self.samples: dict[tuple[int, int], collections.deque] = {}  # (class, threads) -> its last WINDOW steps
         self.steps: dict[int, int] = {}  # class -> steps seen
         self.explored: dict[int, int] = {}  # class -> the step count at its last try of the slower count
         self.used: dict[int, int] = {c: 0 for c in self.counts}  # threads -> steps run with them
@@ -68,8 +77,9 @@ class ThreadChooser:
         k = self.size_class(rows)
         self.steps[k] = self.steps.get(k, 0) + 1
         self.used[threads] = self.used.get(threads, 0) + 1
-        old = self.estimate.get((k, threads))
-        self.estimate[k, threads] = seconds if old is None else old + SMOOTHING * (seconds - old)
+        window = self.samples.setdefault((k, threads), collections.deque(maxlen=WINDOW))
+        window.append(seconds)
+        self.estimate[k, threads] = statistics.median(window)
 
     def apply(self, threads: int) -> None:
         if threads != self.current:
