@@ -43,6 +43,29 @@ def cores() -> int:
         return os.cpu_count() or 1
 
 
+def last_level_cache_bytes() -> int | None:
+    """The largest cache the first CPU reports in sysfs (its last level, shared by the cores), or None off Linux
+    or where sysfs does not say."""
+    sizes = []
+    root = "/sys/devices/system/cpu/cpu0/cache"
+    try:
+        entries = os.listdir(root)
+    except OSError:
+        return None
+    units = {"K": 2**10, "M": 2**20, "G": 2**30}
+    for entry in entries:
+        try:
+            with open(f"{root}/{entry}/size", encoding="utf-8") as f:
+                text = f.read().strip()
+        except OSError:
+            continue
+        if text and text[-1] in units and text[:-1].isdigit():
+            sizes.append(int(text[:-1]) * units[text[-1]])
+        elif text.isdigit():
+            sizes.append(int(text))
+    return max(sizes) if sizes else None
+
+
 def native_bf16() -> bool:
     """The CPU has bfloat16 dot products (AVX-512 BF16 or AMX), as torch sees it or /proc/cpuinfo says."""
     probes = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]

@@ -13,11 +13,11 @@ by its bytes, stays int8 (0.66 ms in w8a16 against 1.32 ms in float32).
 So the engine times every candidate on the model's own layers, grouped by shape, at 1, 2, 4, ... rows up to
 `--max-batch`, and gives every layer a table (rows -> kernel); a float copy no row count chose is dropped. Each
 sample runs the whole group (e.g. all 8 fused q/k/v layers) once, as a decode step reads them, after reading a
-buffer as large as all the layers' weights as held (`flush_buffer`: weights that fit the cache beside the rest
-stay cached, those that do not are timed from memory); samples of the kernels alternate, and the fastest of
-`repeats` counts, so a neighbour's burst on a shared box hits both sides alike. Prefill (many rows) uses the
-largest batch's choice. The flush makes the measurement slower on big models (Doge-60M on the Xeon: 9 s against
-1.9 s without).
+buffer as large as all the layers' weights as held (`flush_buffer`: weights that fit the cache beside the rest stay
+cached, those that do not are timed from memory); samples of the kernels alternate, and the fastest of `repeats`
+counts, so a neighbour's burst on a shared box hits both sides alike. Prefill (many rows) uses the largest batch's
+choice. The flush makes the measurement slower on big models (Doge-60M on the Xeon: 9 s against 1.9 s without); it
+reads at most twice the last-level cache (`flush_cap`), which is as much as evicts anything.
 """
 
 from __future__ import annotations
@@ -26,10 +26,11 @@ import time
 
 import torch
 
+from . import cpu
 from .quantize import ANY_ROWS, Int8Linear, available
 
 
-FLUSH_CAP = 1 << 30  # bytes of the buffer read between samples
+FLUSH_CAP = 1 << 30  # bytes of the buffer read between samples, at most (see `flush_cap`)
 
 
 def row_counts(max_rows: int) -> list[int]:
@@ -41,10 +42,17 @@ def row_counts(max_rows: int) -> list[int]:
     return counts + [max_rows]
 
 
+def flush_cap() -> int:
+    """The most bytes worth reading between samples: twice the last-level cache (reading more evicts nothing
+    more), or `FLUSH_CAP` where the cache size is unknown; at most `FLUSH_CAP`."""
+    cache = cpu.last_level_cache_bytes()
+    return FLUSH_CAP if cache is None else min(FLUSH_CAP, 2 * cache)
+
+
 def flush_buffer(total_bytes: int) -> torch.Tensor:
-    """A float32 buffer of `total_bytes` (at most `FLUSH_CAP`): its `.sum()` before a sample reads as many bytes as
-    a decode step reads of its other weights between two uses of one layer."""
-    return torch.ones(max(1, min(total_bytes, FLUSH_CAP) // 4))
+    """A float32 buffer of `total_bytes` (at most `flush_cap()`): its `.sum()` before a sample reads as many bytes
+    as a decode step reads of its other weights between two uses of one layer."""
+    return torch.ones(max(1, min(total_bytes, flush_cap()) // 4))
 
 
 def fastest_of(runs: dict, repeats: int, before=None) -> dict:

@@ -19,7 +19,7 @@ read does not dominate.
 
 The weights timed are random, of the real shapes, as many as the step holds of each (capped at `BYTES_CAP` of
 float32 so a big model does not double its memory while measuring), run one after another as a step reads them.
-Before every sample a buffer as large as all the step's float32 weights (capped at `kernel_choice.FLUSH_CAP`) is
+Before every sample a buffer as large as all the step's float32 weights (capped at `kernel_choice.flush_cap()`) is
 read once, as the rest of a decode step reads its other weights between two uses of one layer: the weights of a
 model that fits the cache stay cached, those of one that does not are timed from memory. Without that, Doge-60M's
 shapes were timed from cache one at a time and went dense float32, a step of 24.4 ms at batch 1 on the Xeon (1

@@ -176,6 +176,15 @@ def test_kernel_choice_measures_the_kept_float_weight_beside_int8(monkeypatch):
     assert "[96x64] more float" in kernel_choice.describe(tables)
 
 
+def test_the_flush_between_samples_reads_at_most_twice_the_last_level_cache():
+    cache = cpu.last_level_cache_bytes()
+    assert cache is None or cache >= 2**16  # sysfs's biggest cache: the last level, at least 64 KiB on any CPU
+    cap = kernel_choice.flush_cap()
+    assert cap == (kernel_choice.FLUSH_CAP if cache is None else min(kernel_choice.FLUSH_CAP, 2 * cache))
+    assert kernel_choice.flush_buffer(1000).numel() == 250
+    assert kernel_choice.flush_buffer(10 * 2**30).numel() == cap // 4
+
+
 def test_cpu_facts_name_the_flags_and_pick_the_dtype():
     flags = cpu.flags()
     line = cpu.describe()
