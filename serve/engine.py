@@ -169,7 +169,8 @@ class Engine:
         self.int8_tables = {}
         if quantize == "int8":
             done, skipped = quantize_linears(self.model, keep_float=True)  # float stays where it is faster
-            log.info("int8: %d linear layers quantised (kernels that run here: %s)%s", done,
+            log.info("int8: %d linear layers quantised (kernels that run here: %s; each keeps its float32 weight "
+                     "until the warm-up has timed it beside them)%s", done,
                      ", ".join(int8_kernels()),
                      f", {len(skipped)} kept in float32 ({', '.join(skipped[:3])}...)" if skipped else "")
         self._step = None

@@ -79,4 +79,4 @@ def describe(choice: dict[tuple[int, int], str], dtype: torch.dtype) -> str:
     """'[32768x256] packed bfloat16; [512x256] dense float32; ...' for the log."""
     name = str(dtype).removeprefix("torch.")
     return "; ".join(f"[{o}x{i}] " + (f"packed {name}" if kind == "packed" else "dense float32")
-                     for (o, i), kind in choice.items()) or "none in float (all int8)"
+                     for (o, i), kind in choice.items()) or "none (all int8 layers: their kernels, float32 kept among them, are measured at warm-up)"
