@@ -64,6 +64,17 @@ def greedy_generate(model, prompt: list[int], new: int) -> list[int]:
     return out[0, len(prompt) :].tolist()
 
 
+def static_greedy(model, step: DecodeStep, prompt: list[int], new: int) -> list[int]:
+    """`new` greedy tokens of one row: prefill through `model`'s forward, then `step` one token at a time."""
+    batch = SlotBatch(step, slots=1, max_len=len(prompt) + new + 8)
+    prefill, logits = KVBatch(model).prefill([prompt])
+    batch.merge(prefill)
+    tokens = [int(logits[0].argmax())]
+    while len(tokens) < new:
+        tokens.append(int(batch.decode([tokens[-1]])[0].argmax()))
+    return tokens
+
+
 @pytest.mark.parametrize("moe", [False, True], ids=["dense", "cdmoe"])
 def test_slots_joining_and_leaving_decode_what_generate_decodes(moe):
     overrides = dict(is_moe=True, num_experts=64, num_experts_per_tok=4) if moe else {}
@@ -180,13 +191,7 @@ def test_linear_kinds_are_measured_per_shape_and_a_mix_decodes_what_generate_dec
     assert isinstance(mlp.down_proj, packed_linear.PackedLinear)
     assert isinstance(mixed.lm_head, packed_linear.PackedLinear)
     for chosen_model, chosen in ((mixed, step), (measured.model, measured)):
-        batch = SlotBatch(chosen, slots=1, max_len=64)
-        prefill, logits = KVBatch(chosen_model).prefill([prompt])
-        batch.merge(prefill)
-        tokens = [int(logits[0].argmax())]
-        while len(tokens) < len(expected):
-            tokens.append(int(batch.decode([tokens[-1]])[0].argmax()))
-        assert tokens == expected
+        assert static_greedy(chosen_model, chosen, prompt, len(expected)) == expected
     with pytest.raises(ValueError, match="kinds=.*'fast'"):
         DecodeStep(copy.deepcopy(model), kinds={qkv: "fast"})
 
@@ -212,13 +217,7 @@ def test_int8_layers_kept_float_decode_what_generate_decodes():
         layer.set_table([(32, "float"), (ANY_ROWS, available()[0])])
         layer.drop_unused_float()
         assert layer.float_weight is not None and layer.kernel_for(33) == available()[0]
-    batch = SlotBatch(step, slots=2, max_len=64)
-    prefill, logits = KVBatch(quantised).prefill([prompt])
-    batch.merge(prefill)
-    tokens = [int(logits[0].argmax())]
-    while len(tokens) < len(expected):
-        tokens.append(int(batch.decode([tokens[-1]])[0].argmax()))
-    assert tokens == expected
+    assert static_greedy(quantised, step, prompt, len(expected)) == expected
 
 
 def test_compiled_layers_decode_what_generate_decodes():
