@@ -18,18 +18,45 @@ from doge_jax.eval import results as results_lib
 TASKS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tasks")
 
 
-def task_manager(include_path: str | Sequence[str] | None = None):
+def task_manager(include_path: str | Sequence[str] | None = None, tasks: Sequence[str] | None = None):
     """lm-eval's TaskManager over its own tasks, ours and `include_path`. Indexing every task YAML lm-eval ships
-    takes ~15 s on our CPU, so one manager per set of paths is kept (training evaluates many times)."""
+    takes ~15 s on our CPU, so one manager per set of paths is kept (training evaluates many times), and when
+    `tasks` (names) resolve, group members included, among ours and `include_path` alone (the offline tasks, a
+    user's own YAMLs), a manager over those paths only is returned: it indexes in milliseconds."""
     extra = (include_path,) if isinstance(include_path, str) else tuple(include_path or ())
-    return _task_manager((TASKS_DIR, *(os.path.abspath(p) for p in extra)))
+    paths = (TASKS_DIR, *(os.path.abspath(p) for p in extra))
+    if tasks is not None:
+        names = [t for t in tasks.split(",") if t] if isinstance(tasks, str) else list(tasks)
+        own = _task_manager(paths, include_defaults=False)
+        if names and all(_resolves(name, own) for name in names):
+            return own
+    return _task_manager(paths)
 
 
 @functools.lru_cache(maxsize=8)
-def _task_manager(paths: tuple[str, ...]):
+def _task_manager(paths: tuple[str, ...], include_defaults: bool = True):
     from lm_eval.tasks import TaskManager
 
-    return TaskManager(include_path=list(paths))
+    return TaskManager(include_path=list(paths), include_defaults=include_defaults)
+
+
+def _resolves(name, manager, depth: int = 0) -> bool:
+    """Whether task or group `name` (a group's member: a name, or a dict naming it under "task") and, for a
+    group, each of its members is in `manager`'s index. An index entry of a shape this code does not know
+    counts as unresolved (the caller then indexes every lm-eval task)."""
+    if isinstance(name, dict):
+        name = name.get("task")
+    if not isinstance(name, str) or name not in manager.all_tasks or depth > 8:
+        return False
+    entry = manager.task_index[name]
+    kind, cfg = getattr(getattr(entry, "kind", None), "name", None), getattr(entry, "cfg", None)
+    if kind in ("TASK", "PY_TASK"):
+        return True
+    if kind != "GROUP" or not isinstance(cfg, dict):
+        return False  # a tag (its members are found by scanning every index) or an unknown entry
+    members = cfg.get("task")
+    members = members if isinstance(members, list) else [members]
+    return all(_resolves(m, manager, depth + 1) for m in members)
 
 
 def check_tasks(tasks: Sequence[str], manager) -> list[str]:
@@ -53,7 +80,7 @@ def evaluate(lm, tasks: Sequence[str], *, limit: int | float | None = None, num_
     """lm-eval's `simple_evaluate` on `lm` (a DogeJaxLM or any lm-eval LM); returns its results dict."""
     import lm_eval
 
-    manager = task_manager(include_path)
+    manager = task_manager(include_path, tasks)
     tasks = check_tasks(tasks, manager)
     if limit is not None and not (isinstance(limit, (int, float)) and limit > 0):
         raise ValueError(f"limit={limit!r} must be a positive number (documents per task) or None")
