@@ -278,6 +278,25 @@ def test_shipped_groups_name_real_tasks(setup):
         assert set(members) <= set(manager.all_tasks), members
 
 
+def test_tasks_that_resolve_among_ours_skip_indexing_lm_evals_own(setup, tmp_path):
+    """Our tasks, and a user's, get a manager over those paths only; anything that reaches one of lm-eval's own
+    tasks, directly or through a group member, gets the full index (the module's cached manager)."""
+    full = api.task_manager(setup["tasks"])
+    assert "arc_easy" in full.all_tasks
+    for tasks in ([TASK], TASK, ["doge_offline"], ["pydoc_cloze", TASK]):
+        own = api.task_manager(setup["tasks"], tasks)
+        assert own is not full and "arc_easy" not in own.all_tasks and "pydoc_ppl" in own.all_tasks, tasks
+    for tasks in (["doge_base"], [TASK, "arc_easy"], ["no_such_task"], []):
+        assert api.task_manager(setup["tasks"], tasks) is full, tasks
+    mixed = tmp_path / "mixed.yaml"  # a user's group with one of lm-eval's tasks among its members
+    mixed.write_text(f"group: my_mix\ntask:\n  - {TASK}\n  - task: arc_easy\n    num_fewshot: 1\n")
+    nested = tmp_path / "nested.yaml"  # a group of groups, all ours
+    nested.write_text(f"group: my_nest\ntask:\n  - doge_offline\n  - task: {TASK}\n")
+    paths = [setup["tasks"], str(tmp_path)]  # (managers are cached per paths: the YAMLs are written first)
+    assert "arc_easy" in api.task_manager(paths, ["my_mix"]).all_tasks
+    assert "arc_easy" not in api.task_manager(paths, ["my_nest"]).all_tasks
+
+
 def test_bad_arguments_are_one_line_errors(setup):
     with pytest.raises(ValueError, match="tasks=\\['no_such_task'\\]"):
         api.check_tasks(["no_such_task"], api.task_manager(setup["tasks"]))
