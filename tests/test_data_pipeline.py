@@ -248,6 +248,41 @@ def test_default_corpus_end_to_end(tokenizer):
     assert sum(c.isalpha() for c in text) > 0.5 * len(text)  # English, not byte soup
 
 
+def test_default_corpus_is_kept_on_disk_under_a_key_of_its_sources(tmp_path, monkeypatch):
+    """The first call parses the standard library and writes the cache; later processes read it back (the same
+    tuple); a damaged cache file is parsed again and rewritten; a changed source file changes the key."""
+    import sysconfig
+
+    from doge_jax.data import _corpus
+
+    monkeypatch.setenv("DOGE_JAX_CACHE", str(tmp_path))
+    files = _corpus._module_files(sysconfig.get_paths()["stdlib"])
+    built = _corpus._build(files)
+    _corpus.default_corpus.cache_clear()
+    try:
+        assert _corpus.default_corpus() == built
+        path = _corpus.cache_file()
+        assert path.startswith(str(tmp_path)) and os.path.isfile(path)
+        assert [os.path.basename(p) for p in os.listdir(os.path.dirname(path))] == [os.path.basename(path)]
+        with open(path, "w") as f:
+            json.dump(["a stale document"], f)
+        _corpus.default_corpus.cache_clear()
+        assert _corpus.default_corpus() == ("a stale document",)  # what is on disk is what it reads
+        with open(path, "w") as f:
+            f.write('["cut sho')
+        _corpus.default_corpus.cache_clear()
+        assert _corpus.default_corpus() == built
+        with open(path) as f:
+            assert tuple(json.load(f)) == built
+    finally:
+        _corpus.default_corpus.cache_clear()
+    source = tmp_path / "mod.py"
+    source.write_text('"""A docstring."""\n')
+    before = _corpus.cache_file([("mod", str(source))])
+    os.utime(source, ns=(1, 1))
+    assert _corpus.cache_file([("mod", str(source))]) != before
+
+
 def check_packing_invariants_text(batches, batch_size, seq_len):
     for b in batches:
         for v in b.values():

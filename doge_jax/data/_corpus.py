@@ -29,6 +29,7 @@ from __future__ import annotations
 import ast
 import functools
 import hashlib
+import json
 import os
 import sys
 import sysconfig
@@ -94,7 +95,56 @@ def _docstrings(tree: ast.Module, module: str):
 
 @functools.lru_cache(maxsize=1)
 def default_corpus() -> tuple[str, ...]:
-    """The default corpus as a tuple of documents (see the module docstring); ~1k docs, ~2 MB."""
+    """The default corpus as a tuple of documents (see the module docstring); ~1k docs, ~2 MB.
+
+    Parsing the standard library takes ~4 s on our CPU, at the start of every training run that uses this
+    corpus, so the result is also kept on disk (`cache_file`), under a key made from what it is made of: this
+    module's source, the Python version, and each module file's path, size and modification time. A file that
+    cannot be read or written there only means parsing again."""
+    stdlib = sysconfig.get_paths()["stdlib"]
+    files = _module_files(stdlib)
+    path = cache_file(files)
+    try:
+        with open(path, encoding="utf-8") as f:
+            cached = json.load(f)
+        if isinstance(cached, list) and all(isinstance(d, str) for d in cached):
+            return tuple(cached)
+    except (OSError, ValueError):
+        pass
+    documents = _build(files)
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = f"{path}.{os.getpid()}.tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(list(documents), f)
+        os.replace(tmp, path)  # readers see the whole file or none
+    except OSError:
+        pass
+    return documents
+
+
+def cache_file(files: list[tuple[str, str]] | None = None) -> str:
+    """Where the default corpus of this Python is kept: $DOGE_JAX_CACHE/.default_corpus/<key>.json (default
+    ~/.cache/doge_jax)."""
+    files = _module_files(sysconfig.get_paths()["stdlib"]) if files is None else files
+    from pydoc_data import topics  # pylint: disable=g-import-not-at-top  (only needed here)
+
+    key = hashlib.sha1()
+    with open(__file__, "rb") as f:
+        key.update(f.read())
+    key.update(sys.version.encode())
+    for _, path in [*files, ("", topics.__file__)]:
+        try:
+            st = os.stat(path)
+            key.update(f"{path}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        except OSError:
+            key.update(f"{path}\0missing\n".encode())
+    root = os.environ.get("DOGE_JAX_CACHE") or os.path.expanduser("~/.cache/doge_jax")
+    return os.path.join(root, ".default_corpus", f"{key.hexdigest()}.json")  # a dot: no gs:// bucket name
+
+
+def _build(files: list[tuple[str, str]]) -> tuple[str, ...]:
+    """The corpus documents from the module `files` ((name, path), sorted) and pydoc's topics."""
     seen: set[bytes] = set()
 
     def fresh(text: str) -> bool:
@@ -105,7 +155,7 @@ def default_corpus() -> tuple[str, ...]:
         return True
 
     documents = []
-    for module, path in _module_files(sysconfig.get_paths()["stdlib"]):
+    for module, path in files:
         try:
             with open(path, "rb") as f:
                 tree = ast.parse(f.read(), filename=path)
