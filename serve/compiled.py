@@ -19,6 +19,11 @@ that is 64-100 s for Doge-20M and ~310 s for Doge-60M the first time (where, bou
 nothing); inductor's on-disk cache (`TORCHINDUCTOR_CACHE_DIR`, by default under
 the system temp dir) makes later starts with the same model shape faster. It needs a C++ compiler (inductor's
 requirement); without one the server refuses to start with a one-line error saying so.
+
+Dynamo checks ~1,800 guards before each call, most on the step's own layers and weights. Dropping those (its
+`guard_filter_fn` option, with each step compiled over a code object of its own so no step could run another's
+graphs) was measured and not kept: a Doge-20M bf16 step of 3.104 ms became 3.052 (batch 8: 6.306 -> 6.257 ms;
+2-core Xeon, same process, 9 interleaved rounds), 1.7 % for guards torch calls unsafe.
 """
 
 from __future__ import annotations
