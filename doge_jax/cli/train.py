@@ -11,12 +11,14 @@ data preset (configs/data/), its fields overridden as `--data.<path>=value`. WOR
 `runs/<config file name>` under the current directory and may be a gs:// URL. Rerunning the same command
 resumes from WORKDIR's latest checkpoint. Exit codes: 0 done, 2 bad config (one line naming the field; also when
 the step cannot fit the device's memory, or ran out of it: the line names `--config.grad_accum_steps=N`), 3
-diverged (non-finite loss), 143 stopped by SIGTERM after saving a checkpoint.
+diverged (non-finite loss), 143 stopped by SIGTERM and 130 by SIGINT (Ctrl-C): after the step in progress and a
+checkpoint, or at once on a second signal (that step is lost, the last checkpoint stays; one line says which).
 """
 
 from __future__ import annotations
 
 import os
+import signal
 import sys
 
 from absl import app, flags, logging
@@ -80,8 +82,13 @@ def main(argv) -> int:
     accelerator = hostmem.has_accelerator()
     if config.keep_freed_memory and not accelerator:
         hostmem.keep_freed_memory()  # before XLA starts its threads; see hostmem.py
-    from doge_jax.trainer import (ConfigError, OutOfMemory, PREEMPTED_EXIT_CODE, Trainer, TrainingDiverged,
-                                  initialize_distributed)
+    from doge_jax.trainer import (INTERRUPTED_EXIT_CODE, PREEMPTED_EXIT_CODE, ConfigError, OutOfMemory,
+                                  StoppedAtOnce, Trainer, TrainingDiverged, initialize_distributed)
+
+    def stop_code(signum) -> int:
+        return INTERRUPTED_EXIT_CODE if signum == signal.SIGINT else PREEMPTED_EXIT_CODE
+
+    trainer = None
 
     try:
         initialize_distributed(config.distributed)
@@ -104,7 +111,13 @@ def main(argv) -> int:
     except TrainingDiverged as e:
         print(f"error: {e}", file=sys.stderr)
         return DIVERGED_EXIT_CODE
-    return PREEMPTED_EXIT_CODE if trainer.stopped else 0
+    except StoppedAtOnce as e:
+        print(f"stopped: {e}", file=sys.stderr)
+        return stop_code(trainer.stop_signal)
+    except KeyboardInterrupt:  # Ctrl-C before the training loop (setup, compiling): nothing of this run to save
+        print("stopped: interrupted (Ctrl-C) before the first step; this run wrote no checkpoint", file=sys.stderr)
+        return INTERRUPTED_EXIT_CODE
+    return stop_code(trainer.stop_signal) if trainer.stopped else 0
 
 
 def run() -> None:

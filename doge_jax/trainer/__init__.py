@@ -12,12 +12,13 @@ compiles it for the per-device memory). A batch source is
 with get_state()/set_state(); see `batches.py`.
 """
 
-from doge_jax.trainer.loop import PREEMPTED_EXIT_CODE, OutOfMemory, Trainer, TrainingDiverged, pretrain_source
+from doge_jax.trainer.loop import (INTERRUPTED_EXIT_CODE, PREEMPTED_EXIT_CODE, OutOfMemory, StoppedAtOnce, Trainer,
+                                  TrainingDiverged, pretrain_source)
 from doge_jax.trainer.mesh import initialize_distributed, make_mesh, mesh_shape
 from doge_jax.trainer.optim import make_optimizer, wsd_schedule
 from doge_jax.trainer.step import LossFn, make_eval_step, make_train_step, pretrain_loss
 from doge_jax.trainer.validate import ConfigError
 
-__all__ = ["Trainer", "TrainingDiverged", "OutOfMemory", "ConfigError", "PREEMPTED_EXIT_CODE", "LossFn", "pretrain_loss",
+__all__ = ["Trainer", "TrainingDiverged", "OutOfMemory", "ConfigError", "PREEMPTED_EXIT_CODE", "INTERRUPTED_EXIT_CODE", "StoppedAtOnce", "LossFn", "pretrain_loss",
            "pretrain_source", "make_train_step", "make_eval_step", "make_optimizer", "wsd_schedule", "make_mesh",
            "mesh_shape", "initialize_distributed"]

@@ -39,6 +39,13 @@ from doge_jax.trainer.mesh import data_parallel_size, make_mesh
 from doge_jax.trainer.validate import ConfigError
 
 PREEMPTED_EXIT_CODE = 143  # 128 + SIGTERM: schedulers read it as "killed", so a requeue policy reruns the job
+INTERRUPTED_EXIT_CODE = 130  # 128 + SIGINT: Ctrl-C, after the checkpoint (a shell reads it as "interrupted")
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+class StoppedAtOnce(RuntimeError):
+    """A second SIGTERM / SIGINT (Ctrl-C) during a run: it stopped without finishing the step in progress; the
+    message names the last checkpoint, which is intact."""
 
 
 class TrainingDiverged(RuntimeError):
@@ -98,7 +105,8 @@ class Trainer:
         self._frozen_paths = dict(frozen or {})
         validate.check(config, validate.model_config(config.model))
         self._stop_requested = False
-        self.stopped = False  # set by run(): stopped by SIGTERM / preemption rather than finished
+        self.stop_signal: int | None = None  # the first SIGTERM / SIGINT received during run()
+        self.stopped = False  # set by run(): stopped by SIGTERM / SIGINT / preemption rather than finished
 
     # ----------------------------------------------------------------------------------------------------- setup
     def _where_to_start(self):
@@ -272,8 +280,12 @@ class Trainer:
     # ------------------------------------------------------------------------------------------------- the loop
     def _request_stop(self, signum, frame):
         del frame
-        logging.warning("signal %d: saving a checkpoint after this step, then stopping", signum)
-        self._stop_requested = True
+        if self._stop_requested:
+            raise StoppedAtOnce(signum)  # run() words it
+        self._stop_requested, self.stop_signal = True, signum
+        logging.warning("%s: saving a checkpoint after this step, then stopping (send it again, or press Ctrl-C "
+                        "again, to stop at once: the step in progress is lost, the last checkpoint stays)",
+                        signal.Signals(signum).name)
 
     def _should_stop(self, step: int) -> bool:
         stop = self._stop_requested
@@ -311,7 +323,9 @@ class Trainer:
                          workdir=self.workdir, step=step)
 
     def run(self) -> dict:
-        """Trains to config.total_steps (or until SIGTERM); returns the last logged record."""
+        """Trains to config.total_steps, or until SIGTERM or SIGINT (Ctrl-C): the first one stops the run after the
+        step in progress, with a checkpoint; a second one stops it at once (`StoppedAtOnce`, the last checkpoint
+        intact). Returns the last logged record."""
         cfg = self.config
         self._setup()
         batches = self._train_batches()
@@ -333,7 +347,7 @@ class Trainer:
 
         on_main_thread = threading.current_thread() is threading.main_thread()
         if on_main_thread:
-            previous_handler = signal.signal(signal.SIGTERM, self._request_stop)
+            previous_handlers = {s: signal.signal(s, self._request_stop) for s in STOP_SIGNALS}
         step = run.start
         try:
             while step < cfg.total_steps:
@@ -365,10 +379,19 @@ class Trainer:
             if run.last_saved != step:
                 self._checkpoint(state, step, batches, run)
             self.checkpointer.close()
+        except StoppedAtOnce:
+            for s in STOP_SIGNALS if on_main_thread else ():
+                signal.signal(s, signal.SIG_IGN)  # the saves already started finish before it exits
+            self.checkpointer.close()
+            good = (f"step {run.last_saved}, {self.checkpointer.root}/{run.last_saved}, is intact: rerun the same "
+                    "command to resume from it" if run.last_saved is not None else "none was written yet")
+            raise StoppedAtOnce(f"stopped at once by a second {signal.Signals(self.stop_signal).name} during step "
+                                f"{step + 1}, which is not saved; the last checkpoint, {good}") from None
         finally:
             self.log.close()
             if on_main_thread:
-                signal.signal(signal.SIGTERM, previous_handler)
+                for s, handler in previous_handlers.items():
+                    signal.signal(s, handler)
         self._finish(step, run.stopped)
         return run.last_record
 
