@@ -105,6 +105,8 @@ class Trainer:
         self._frozen_paths = dict(frozen or {})
         validate.check(config, validate.model_config(config.model))
         self._stop_requested = False
+        self._saving = False  # a checkpoint save is being started: a second signal waits for it (_checkpoint)
+        self._stop_now = False
         self.stop_signal: int | None = None  # the first SIGTERM / SIGINT received during run()
         self.stopped = False  # set by run(): stopped by SIGTERM / SIGINT / preemption rather than finished
 
@@ -281,6 +283,9 @@ class Trainer:
     def _request_stop(self, signum, frame):
         del frame
         if self._stop_requested:
+            if self._saving:
+                self._stop_now = True  # _checkpoint raises once its save has started
+                return
             raise StoppedAtOnce(signum)  # run() words it
         self._stop_requested, self.stop_signal = True, signum
         logging.warning("%s: saving a checkpoint after this step, then stopping (send it again, or press Ctrl-C "
@@ -588,8 +593,14 @@ class Trainer:
         self._log(record, run, force=eval_now)
 
     def _checkpoint(self, state: dict, step: int, batches: ShardedBatches, run: "_RunState") -> None:
-        self.checkpointer.save(step, state, self.model_cfg, self._train_meta(state, batches))
-        run.last_saved = step
+        self._saving = True  # a second SIGTERM / SIGINT now stops once this save is under way, not inside it
+        try:
+            self.checkpointer.save(step, state, self.model_cfg, self._train_meta(state, batches))
+            run.last_saved = step
+        finally:
+            self._saving = False
+        if self._stop_now:
+            raise StoppedAtOnce(self.stop_signal)
 
     def _finish(self, step: int, stopped: bool) -> None:
         if self.is_main:
