@@ -26,7 +26,7 @@ def task_manager(include_path: str | Sequence[str] | None = None, tasks: Sequenc
     extra = (include_path,) if isinstance(include_path, str) else tuple(include_path or ())
     paths = (TASKS_DIR, *(os.path.abspath(p) for p in extra))
     if tasks is not None:
-        names = [t for t in tasks.split(",") if t] if isinstance(tasks, str) else list(tasks)
+        names = _names(tasks)
         own = _task_manager(paths, include_defaults=False)
         if names and all(_resolves(name, own) for name in names):
             return own
@@ -59,11 +59,14 @@ def _resolves(name, manager, depth: int = 0) -> bool:
     return all(_resolves(m, manager, depth + 1) for m in members)
 
 
+def _names(tasks: str | Sequence[str]) -> list[str]:
+    """Task names from a comma-separated string or a sequence."""
+    return [t for t in tasks.split(",") if t] if isinstance(tasks, str) else list(tasks)
+
+
 def check_tasks(tasks: Sequence[str], manager) -> list[str]:
     """Task names as a list, or one line naming the unknown ones (lm-eval itself only warns and skips them)."""
-    if isinstance(tasks, str):
-        tasks = [t for t in tasks.split(",") if t]
-    tasks = list(tasks)
+    tasks = _names(tasks)
     if not tasks:
         raise ValueError("tasks=[] must name at least one lm-eval task or group")
     known = set(manager.all_tasks)

@@ -104,7 +104,6 @@ class Trainer:
         self._batch_source, self.tokenizer, self._mesh = batch_source, tokenizer, mesh
         self._frozen_paths = dict(frozen or {})
         validate.check(config, validate.model_config(config.model))
-        self._stop_requested = False
         self._saving = False  # a checkpoint save is being started: a second signal waits for it (_checkpoint)
         self._stop_now = False
         self.stop_signal: int | None = None  # the first SIGTERM / SIGINT received during run()
@@ -282,18 +281,18 @@ class Trainer:
     # ------------------------------------------------------------------------------------------------- the loop
     def _request_stop(self, signum, frame):
         del frame
-        if self._stop_requested:
+        if self.stop_signal is not None:
             if self._saving:
                 self._stop_now = True  # _checkpoint raises once its save has started
                 return
             raise StoppedAtOnce(signum)  # run() words it
-        self._stop_requested, self.stop_signal = True, signum
+        self.stop_signal = signum
         logging.warning("%s: saving a checkpoint after this step, then stopping (send it again, or press Ctrl-C "
                         "again, to stop at once: the step in progress is lost, the last checkpoint stays)",
                         signal.Signals(signum).name)
 
     def _should_stop(self, step: int) -> bool:
-        stop = self._stop_requested
+        stop = self.stop_signal is not None
         if jax.process_count() > 1:  # every host must stop at the same step
             stop = bool(multihost_utils.process_allgather(np.asarray(stop)).any())
         return stop or self.checkpointer.mngr.reached_preemption(step)
