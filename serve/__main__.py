@@ -19,6 +19,14 @@ import sys
 if "OMP_WAIT_POLICY" not in os.environ:
     os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
     os.environ.setdefault("GOMP_SPINCOUNT", "10000")
+# One OpenMP thread by default in every thread; the engine's thread sets its own count (Engine.start). libgomp
+# keeps a team of workers for each thread that ever ran a parallel region on several threads, and with more
+# workers than cores it cuts their spinning to 1,000 turns. Without this, importing torch left the main thread a
+# worker and loading the model (on an event-loop executor thread) another, before the engine had run anything:
+# on the 2-core EPYC the int8 kernels' start-up timing then saw w8a16 at 348 us for Doge-20M's eight q/k/v
+# products at 1 row (236 us with it), chose float32 for every small layer at 1 row, and int8 served 1 client at
+# 0.93x float32.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 def parse_args(argv: list[str] | None = None):

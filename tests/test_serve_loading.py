@@ -103,3 +103,27 @@ def test_openmp_waits_passively_before_torch_loads():
     out = subprocess.run([sys.executable, "-c", code], env={**env, "OMP_WAIT_POLICY": "ACTIVE"}, cwd=REPO,
                          capture_output=True, text=True, timeout=60)
     assert out.stdout.split() == ["ACTIVE", "None", "False"], out.stderr  # the operator's policy, untouched
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="counts threads in /proc")
+def test_no_thread_but_the_engines_gets_openmp_workers():
+    """libgomp keeps a team of workers for each thread that ever ran a parallel region on several threads, and with
+    more workers than cores it cuts their spinning short: importing torch and loading the model used to leave two
+    such workers before the engine ran, and the int8 start-up timing then chose the slower kernels (serve/__main__.py).
+    `python -m serve` makes one OpenMP thread every thread's default (the engine sets its own count), and keeps an
+    operator's OMP_NUM_THREADS."""
+    code = ("import os, sys, threading; import serve.__main__; import torch\n"
+            "x = torch.randn(512, 512)\n"
+            "def work(out):\n"
+            "    for _ in range(3): (x @ x).sum(); torch.softmax(x, -1).sum(); torch.randn(1 << 20).exp().sum()\n"
+            "    python = {t.native_id for t in threading.enumerate()}\n"
+            "    out.append(len({int(t) for t in os.listdir('/proc/self/task')} - python))\n"
+            "out = []; work(out)\n"
+            "t = threading.Thread(target=work, args=(out,)); t.start(); t.join()\n"
+            "print(os.environ.get('OMP_NUM_THREADS'), *out)")
+    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert out.stdout.split() == ["1", "0", "0"], (out.stdout, out.stderr[-2000:])  # no OpenMP worker anywhere
+    out = subprocess.run([sys.executable, "-c", code], env={**env, "OMP_NUM_THREADS": "2"}, cwd=REPO,
+                         capture_output=True, text=True, timeout=60)
+    assert out.stdout.split()[0] == "2", out.stderr[-2000:]  # the operator's count, untouched
