@@ -23,7 +23,8 @@ core with OpenMP waiting passively after a short spin; this process sets the sam
 Quality: (1) a tiny Doge trained briefly on stdlib prose (tests/serve_testing.train_tiny_doge), teacher-forced
 over the pydoc eval text (CPython's test-suite docstrings, doge_jax's `pydoc_ppl` documents): top-1 agreement
 with float32, also over the positions where float32's top two logits differ by >= 0.1 (below that, ties flip
-under any rounding), and perplexity; int8 per kernel. (2) The random-weight benchmark model over held-out stdlib
+under any rounding), and perplexity; int8 per kernel, its LM head's leading logits recomputed in float32 as the
+server does (serve/exact_head.py). (2) The random-weight benchmark model over held-out stdlib
 prose: near-flat logits make this a harsh measure.
 
 Goals (issue 24), checked at the end: Doge-20M, 1 client >= 3x generate float32 and >= 1.0x the sampler; int8 >=

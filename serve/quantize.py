@@ -24,7 +24,10 @@ the call has (`Int8Linear.table`, set per layer shape by measuring both at start
   count chose it. Small products are call overhead rather than bytes on some CPUs, and there float32 is both
   faster and exact (see `kernel_choice.py`); `--quantize int8` promises int8 where it is faster, not everywhere.
 
-The embedding table stays float32 (a lookup reads one row); a tied LM head gets its own int8 copy.
+The embedding table stays float32 (a lookup reads one row); a tied LM head gets its own int8 copy. The head's
+leading logits are then recomputed in float32 from the embedding's rows (an untied head keeps its float32 weight
+for this), within a proven bound of the int8 error, so greedy decoding picks what a float32 head picks
+(`exact_head.py`).
 `_weight_int8pack_mm` needs `in_features` to be a multiple of 16 (smaller or odd widths gave wrong results or
 crashed on torch 2.13): other layers stay float32, and `quantize_linears` reports how many. `dt_proj` stays
 float32 too: its output decides which keys survive DMA's top-k, a discrete choice that a small error flips
@@ -45,6 +48,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import exact_head
 from .fused import concat_bias
 from .layout import dense_layout
 
@@ -110,7 +114,19 @@ class Int8Linear(nn.Module):
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
         self._fbgemm = None  # packed for w8a8 on first use
         self.float_weight = float_weight
+        self.exact_rows: torch.Tensor | None = None  # see `rescore_leaders`
         self.set_table(table if table is not None else default_table())
+
+    def rescore_leaders(self, weight: torch.Tensor) -> None:
+        """From now on, the outputs within the int8 error bound of each row's maximum are recomputed from `weight`
+        [O, I] (float32, row-major: its rows are gathered), the weight this layer was quantised from
+        (`exact_head.py`: for the LM head)."""
+        if weight.shape != self.qweight.shape or weight.dtype != torch.float32:
+            raise ValueError(f"weight {tuple(weight.shape)} {weight.dtype}: expected float32 "
+                             f"{tuple(self.qweight.shape)}")
+        self.exact_rows = weight
+        self._w2, self._r2 = exact_head.weight_stats(weight, self.qweight, self.scales)
+        self.rescored = 0  # logits recomputed so far (a count for benchmarks)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, table: list[tuple[int, str]] | None = None,
@@ -172,14 +188,19 @@ class Int8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, self.in_features).float()
-        y = self.run(x2, self.kernel_for(x2.shape[0])).to(x.dtype).view(*shape[:-1], self.out_features)
+        kernel = self.kernel_for(x2.shape[0])
+        y = self.run(x2, kernel)
+        if self.exact_rows is not None and kernel != "float":
+            self.rescored += exact_head.rescore_(y, x2, self.exact_rows, kernel, self._w2, self._r2)
+        y = y.to(x.dtype).view(*shape[:-1], self.out_features)
         return y if self.bias is None else y + self.bias
 
     def extra_repr(self) -> str:
         table = ", ".join(f"{'<=' + str(rows) if rows < ANY_ROWS else 'more'} rows: {kernel}"
                           for rows, kernel in self.table)
         held = "int8 and float32" if self.float_weight is not None else "int8"
-        return f"in_features={self.in_features}, out_features={self.out_features}, {held} ({table})"
+        leaders = ", leading outputs recomputed in float32" if self.exact_rows is not None else ""
+        return f"in_features={self.in_features}, out_features={self.out_features}, {held} ({table}){leaders}"
 
 
 ANY_ROWS = 1 << 30
@@ -210,8 +231,12 @@ def quantize_linears(model: nn.Module, keep_float: bool = False) -> tuple[int, l
     """Replace every `nn.Linear` of `model` (LM head included) but `KEEP_FLOAT` by an `Int8Linear`, in place;
     keep_float: each also holds its float32 weight until `kernel_choice.choose` has measured it (the server).
 
+    The LM head (`get_output_embeddings()`) recomputes its leading logits in float32 (`exact_head.py`) from the
+    tied embedding's rows, or from its own float32 weight, kept, if untied.
+
     Returns (how many were quantised, names of the linears left in float32 because of the kernel's width rule).
     """
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     done, skipped = 0, []
     for name, module in list(model.named_modules()):
         for child_name, child in list(module.named_children()):
@@ -221,6 +246,9 @@ def quantize_linears(model: nn.Module, keep_float: bool = False) -> tuple[int, l
             if child.in_features % KERNEL_WIDTH:
                 skipped.append(full)
                 continue
-            setattr(module, child_name, Int8Linear.from_linear(child, keep_float=keep_float))
+            layer = Int8Linear.from_linear(child, keep_float=keep_float)
+            if child is head:
+                layer.rescore_leaders(child.weight.detach().float().contiguous())  # the tied embedding's, or kept
+            setattr(module, child_name, layer)
             done += 1
     return done, skipped

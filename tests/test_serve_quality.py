@@ -30,7 +30,8 @@ from serve.static_cache import SlotBatch
 
 from serve_fixtures import ServerProcess, metric
 
-TOP1 = 0.97
+TOP1 = {"w8a16": 0.99}  # the goal, met with the head's leaders in float32 (serve/exact_head.py): 99.22 %
+TOP1_OTHER = 0.97  # bf16 (98.58 %) and w8a8 (98.00 %) flip more near-ties inside the layers
 DECIDED_MARGIN = 0.1
 # 2-core Intel Xeon (model 207), scoring on 2 threads: w8a8 flips 2 of ~1,700 positions past the margin (99.88 %),
 # at margins below twice its max |dlogit| (0.16): within its error, not a kernel fault.
@@ -92,7 +93,7 @@ def test_agreement_and_perplexity_against_float32(trained, variant):
     print(f"{variant} vs float32 over the pydoc eval text: top-1 {top1 * 100:.2f} % ({top1_decided * 100:.2f} % "
           f"where the margin >= {DECIDED_MARGIN}, {float(decided.float().mean()) * 100:.1f} % of positions), "
           f"perplexity {vppl:.3f} vs {ppl:.3f}, max |dlogit| {float((got - ref).abs().max()):.3f}")
-    assert top1 >= TOP1 and top1_decided >= TOP1_DECIDED, (top1, top1_decided)
+    assert top1 >= TOP1.get(variant, TOP1_OTHER) and top1_decided >= TOP1_DECIDED, (top1, top1_decided)
     assert abs(vppl / ppl - 1) <= PERPLEXITY_REL, (vppl, ppl)
 
 
