@@ -174,7 +174,8 @@ class Baselines:
 
 def converted(model, variant: str):
     """A copy of the float32 transformers `model` with its linears as the server holds them for `variant`:
-    bf16 (every linear on packed bfloat16: the bound for the server, which may keep small shapes float32),
+    bf16 (every linear on packed bfloat16, the bound for the server, which may keep small shapes float32; the LM
+    head int8 with float32 leaders, as the server holds it, on the default table's kernel for the row count),
     int8 on one kernel ("w8a16" / "w8a8"), or "served@N": `--quantize int8` as the server measures it here (float32
     kept per shape and row count where faster, `serve/kernel_choice.py`, for up to 16 rows), every layer on the
     kernel its table gives N rows."""
@@ -182,10 +183,11 @@ def converted(model, variant: str):
 
     from serve import kernel_choice
     from serve.decode_step import DecodeStep
-    from serve.quantize import ANY_ROWS, Int8Linear, quantize_linears
+    from serve.quantize import ANY_ROWS, Int8Linear, quantize_head, quantize_linears
 
     model = copy.deepcopy(model)
     if variant == "bf16":
+        quantize_head(model)  # as the bfloat16 server holds it (serve/engine.py): int8, leaders in float32
         DecodeStep(model, packed=True, dtype=torch.bfloat16)
         return model
     if variant.startswith("served@"):

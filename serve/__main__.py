@@ -41,7 +41,8 @@ def parse_args(argv: list[str] | None = None):
     p.add_argument("--revision", default=None, help="Hub revision: branch, tag or commit")
     p.add_argument("--dtype", default=d.dtype, choices=["auto", "float32", "bfloat16"],
                    help="weights of the linear layers: auto (default) = bfloat16 where the CPU has bf16 dot products "
-                        "(AVX-512 BF16, AMX), else float32; norms, dt, softmax and the KV cache stay float32")
+                        "(AVX-512 BF16, AMX), else float32; norms, dt, softmax and the KV cache stay float32; under "
+                        "bfloat16 the LM head is int8 with its leading logits recomputed in float32")
     p.add_argument("--chat-template", default=None, help="Jinja chat template file (or text) for models without one")
     p.add_argument("--trust-remote-code", action="store_true",
                    help="run the modeling code the model folder ships (its config.json auto_map), e.g. a converted "

@@ -31,7 +31,7 @@ from . import cpu, kernel_choice, linear_choice, packed_linear
 from .decode_step import DecodeStep
 from .detokenize import IncrementalDetokenizer
 from .kv_batch import KVBatch
-from .quantize import Int8Linear, quantize_linears
+from .quantize import Int8Linear, quantize_head, quantize_linears
 from .quantize import available as int8_kernels
 from .sampling import RowState, RequestSampling, make_generator, sample
 from .static_cache import SlotBatch
@@ -144,7 +144,8 @@ class Engine:
                  decode_path: str = "static", quantize: str | None = None, dtype: str = "auto",
                  compile: bool = False):
         """model: float32 (its linears become `dtype` or int8 here); dtype: "auto" (bfloat16 where the CPU has
-        bf16 dot products, else float32), "float32" or "bfloat16"; ignored for layers `quantize` makes int8.
+        bf16 dot products, else float32), "float32" or "bfloat16"; ignored for layers `quantize` makes int8. Under
+        bfloat16 the LM head is int8 with its leading logits recomputed in float32 (`quantize.quantize_head`).
         compile: the static step's layers through torch.compile (compiled.py), compiled during the warm-up."""
         if decode_path not in DECODE_PATHS:
             raise ValueError(f"decode_path={decode_path!r} must be one of {DECODE_PATHS}")
@@ -173,6 +174,10 @@ class Engine:
                      "until the warm-up has timed it beside them)%s", done,
                      ", ".join(int8_kernels()),
                      f", {len(skipped)} kept in float32 ({', '.join(skipped[:3])}...)" if skipped else "")
+        elif self.dtype == torch.bfloat16 and quantize_head(self.model) is not None:
+            # Half a bfloat16 head's bytes (the step's largest read), and an argmax that is float32's (quantize.py).
+            log.info("bfloat16: the LM head is int8 (half the bytes of bfloat16), its leading logits recomputed in "
+                     "float32; its kernels are measured at warm-up")
         self._step = None
         if decode_path == "static":
             try:
@@ -271,10 +276,10 @@ class Engine:
                  ", int8" if self.quantize else "",
                  ", compiling its layers with torch.compile: a minute or more when inductor's cache is cold"
                  if compiling else "")
-        if self.quantize == "int8":  # measured on this thread, at the count its steps run with
-            layers = [m for m in self.model.modules() if isinstance(m, Int8Linear)]
-            if self._step is not None:
-                layers += self._step.fused_layers(Int8Linear)
+        layers = [m for m in self.model.modules() if isinstance(m, Int8Linear)]  # --quantize int8, or a bf16 head
+        if self._step is not None:
+            layers += self._step.fused_layers(Int8Linear)
+        if layers:  # measured on this thread, at the count its steps run with
             t1 = time.perf_counter()
             self.int8_tables = kernel_choice.choose(layers, self.max_batch)
             log.info("int8 kernels by rows, measured in %.2f s: %s", time.perf_counter() - t1,

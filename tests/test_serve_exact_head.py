@@ -1,15 +1,21 @@
 """The int8 LM head's leading logits recomputed in float32 (serve/exact_head.py): the error bound holds for every
 output of both kernels, and with it the head's argmax is float32's, also where logits are nearly tied, which the
-int8 head alone gets wrong."""
+int8 head alone gets wrong; the bfloat16 server holds its head that way."""
 
 from __future__ import annotations
+
+import asyncio
 
 import pytest
 import torch
 from transformers import DogeConfig, DogeForCausalLM
 
-from serve import exact_head
+from serve import exact_head, packed_linear
+from serve.engine import Engine
 from serve.quantize import ANY_ROWS, INT8_KERNELS, Int8Linear, available, quantize_linears
+from serve.sampling import RequestSampling
+
+from serve_fixtures import tiny_model_dir  # noqa: F401  (pytest fixture)
 
 
 def needs(kernel: str) -> None:
@@ -128,3 +134,35 @@ def test_a_float_kernel_row_count_is_left_alone():
     q.set_table([(ANY_ROWS, "float")])
     x = inputs(3, 64, seed=6)
     assert torch.equal(q(x), torch.nn.functional.linear(x, q.float_weight)) and q.rescored == 0
+
+
+def test_a_bfloat16_engine_holds_its_head_in_int8_with_float32_leaders(tiny_model_dir):
+    """--dtype bfloat16: the head int8 (half a bf16 head's bytes) with exact leaders, its kernels measured at
+    warm-up, and greedy decoding through it (its tokens against float32 `generate` on a trained model:
+    test_serve_quality.py's servers); --dtype float32 leaves the head float32."""
+    if not packed_linear.available(torch.bfloat16) or not available():
+        pytest.skip("needs oneDNN's bfloat16 linear and an int8 kernel")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    for dtype in ("float32", "bfloat16"):
+        engine = Engine(AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval(), tokenizer, max_batch=2,
+                        threads=1, dtype=dtype)
+        head = engine.model.lm_head
+        assert isinstance(head, Int8Linear) == (dtype == "bfloat16")
+    assert head.exact_rows is not None
+    tied = engine.model.config.tie_word_embeddings
+    assert (head.exact_rows.data_ptr() == engine.model.model.embed_tokens.weight.data_ptr()) == tied
+    engine.start()
+    try:
+        assert list(engine.int8_tables) == [(head.out_features, head.in_features)]
+
+        async def run():
+            handle = engine.submit([[5, 9, 13, 2]], RequestSampling(max_tokens=8, temperature=0.0, ignore_eos=True,
+                                                                    logprobs=0))
+            return [lp.token_id for batch in [b async for b in handle.deltas()] for d in batch for lp in d.logprobs]
+
+        assert len(asyncio.run(run())) == 8
+    finally:
+        engine.stop()
+    assert head.rescored >= 8  # every step went through the leaders

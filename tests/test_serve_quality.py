@@ -25,13 +25,13 @@ import torch
 from serve import packed_linear
 from serve.decode_step import DecodeStep
 from serve.kv_batch import KVBatch
-from serve.quantize import ANY_ROWS, Int8Linear, available, quantize_linears
+from serve.quantize import ANY_ROWS, Int8Linear, available, quantize_head, quantize_linears
 from serve.static_cache import SlotBatch
 
 from serve_fixtures import ServerProcess, metric
 
 TOP1 = {"w8a16": 0.99}  # the issue's goal, met with the head's leaders in float32 (serve/exact_head.py): 99.22 %
-TOP1_OTHER = 0.97  # bf16 (98.58 %) and w8a8 (98.00 %) flip more near-ties inside the layers
+TOP1_OTHER = 0.97  # bf16 and w8a8 (98.00 %) flip more near-ties inside the layers
 DECIDED_MARGIN = 0.1
 # 2-core Intel Xeon (model 207), scoring on 2 threads: w8a8 flips 2 of ~1,700 positions past the margin (99.88 %),
 # at margins below twice its max |dlogit| (0.16): within its error, not a kernel fault.
@@ -63,8 +63,9 @@ def trained():
 def convert(model, variant: str):
     """A copy holding its linears as the server does for `variant`; int8 on that one kernel at every batch size."""
     model = copy.deepcopy(model)
-    if variant == "bf16":
-        return model, DecodeStep(model, packed=True, dtype=torch.bfloat16)  # every linear in bf16: the bound
+    if variant == "bf16":  # every linear in bf16 (the bound) but the head, int8 with float32 leaders as served
+        quantize_head(model)  # None (head left bf16) where no int8 kernel runs, as in the server
+        return model, DecodeStep(model, packed=True, dtype=torch.bfloat16)
     quantize_linears(model)
     step = DecodeStep(model)
     for m in [*model.modules(), *step.fused_layers(Int8Linear)]:
