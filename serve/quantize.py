@@ -245,10 +245,9 @@ def quantize_linears(model: nn.Module, keep_float: bool = False) -> tuple[int, l
                 skipped.append(full)
                 continue
             if child is head:
-                layer = quantize_head(model, keep_float=keep_float)
+                quantize_head(model, keep_float=keep_float)
             else:
-                layer = Int8Linear.from_linear(child, keep_float=keep_float)
-                setattr(module, child_name, layer)
+                setattr(module, child_name, Int8Linear.from_linear(child, keep_float=keep_float))
             done += 1
     return done, skipped
 
