@@ -15,9 +15,9 @@ x~ . w~_j, with w~_j = q_j s_j the dequantised row and x~ the input as the kerne
                           <= |x - x~| W2 + |x| R2 + I 2^-23 |x| W2 + eps_y |y|        (= A + eps_y |y|)
 
 with |.| the Euclidean norm, W2 the largest |w~_j| and R2 the largest |w_j - w~_j| (the quantisation residual,
-measured when the head is set up). w8a16 rounds x to bfloat16 (|x - x~| <= 2^-7 |x|: bfloat16's half-ulp is
-2^-9, and a second 2^-9 covers a kernel that would round q s to bfloat16 too) and its output to bfloat16
-(eps_y = 2^-8, twice the half-ulp); w8a8 rounds each x_i / max|x| to a grid of step 2 / 255, so |x - x~| <=
+measured when the head is set up). w8a16 rounds x to bfloat16 (|x - x~| <= 2^-7 |x|: twice bfloat16's
+half-ulp of 2^-9, and as much again for a kernel that would also round q s to bfloat16) and its output to
+bfloat16 (eps_y = 2^-8, twice the half-ulp); w8a8 rounds each x_i / max|x| to a grid of step 2 / 255, so |x - x~| <=
 sqrt(I) max|x| 2 / 255 (a whole step each), and its int32 sums are exact (eps_y = 0). The accumulation term
 doubles I 2^-24.
 
