@@ -239,6 +239,25 @@ class DecodeStep:
         """The fused q/k/v and gate/up layers of class `kind` (they are not submodules of the model)."""
         return [f for lay in self.layers for f in (lay.qkv, lay.gate_up) if isinstance(f, kind)]
 
+    def float_weight_bytes(self) -> int:
+        """Bytes of the float32 and bfloat16 weights a step reads every token: all but the int8 layers, and but
+        the embedding table (read a row a token). The int8 kernels' timing reads as much between samples beside
+        their own bytes (`kernel_choice.choose`'s `other_bytes`)."""
+        def nbytes(m) -> int:
+            if isinstance(m, Int8Linear):
+                return 0
+            if isinstance(m, packed_linear.PackedLinear):
+                return m.nbytes
+            return sum(t.nbytes for t in (getattr(m, "weight", None), getattr(m, "bias", None)) if t is not None)
+
+        total = nbytes(self.model.lm_head)
+        for lay in self.layers:
+            mlp = lay.layer.mlp
+            total += sum(nbytes(m) for m in (lay.qkv, lay.gate_up, lay.attn.o_proj, lay.attn.dt_proj, mlp.down_proj))
+            if lay.moe:
+                total += nbytes(mlp.router_gate)
+        return total
+
     @property
     def num_layers(self) -> int:
         return len(self.layers)

@@ -277,11 +277,13 @@ class Engine:
                  ", compiling its layers with torch.compile: a minute or more when inductor's cache is cold"
                  if compiling else "")
         layers = [m for m in self.model.modules() if isinstance(m, Int8Linear)]  # --quantize int8, or a bf16 head
+        other_bytes = 0  # the step's other weights, read between samples as a step reads them between two calls
         if self._step is not None:
             layers += self._step.fused_layers(Int8Linear)
+            other_bytes = self._step.float_weight_bytes()
         if layers:  # measured on this thread, at the count its steps run with
             t1 = time.perf_counter()
-            self.int8_tables = kernel_choice.choose(layers, self.max_batch)
+            self.int8_tables = kernel_choice.choose(layers, self.max_batch, other_bytes=other_bytes)
             log.info("int8 kernels by rows, measured in %.2f s: %s", time.perf_counter() - t1,
                      kernel_choice.describe(self.int8_tables))
         token = self.eos_ids[0] if self.eos_ids else 0

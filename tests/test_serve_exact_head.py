@@ -136,7 +136,7 @@ def test_a_float_kernel_row_count_is_left_alone():
     assert torch.equal(q(x), torch.nn.functional.linear(x, q.float_weight)) and q.rescored == 0
 
 
-def test_a_bfloat16_engine_holds_its_head_in_int8_with_float32_leaders(tiny_model_dir):
+def test_a_bfloat16_engine_holds_its_head_in_int8_with_float32_leaders(tiny_model_dir, monkeypatch):
     """--dtype bfloat16: the head int8 (half a bf16 head's bytes) with exact leaders, its kernels measured at
     warm-up, and greedy decoding through it (its tokens against float32 `generate` on a trained model:
     test_serve_quality.py's servers); --dtype float32 leaves the head float32."""
@@ -144,6 +144,15 @@ def test_a_bfloat16_engine_holds_its_head_in_int8_with_float32_leaders(tiny_mode
         pytest.skip("needs oneDNN's bfloat16 linear and an int8 kernel")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    import serve.engine as engine_module
+
+    choose, other = engine_module.kernel_choice.choose, []
+
+    def recording_choose(*args, other_bytes=0, **kwargs):
+        other.append(other_bytes)
+        return choose(*args, other_bytes=other_bytes, **kwargs)
+
+    monkeypatch.setattr(engine_module.kernel_choice, "choose", recording_choose)
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     for dtype in ("float32", "bfloat16"):
         engine = Engine(AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval(), tokenizer, max_batch=2,
@@ -156,6 +165,8 @@ def test_a_bfloat16_engine_holds_its_head_in_int8_with_float32_leaders(tiny_mode
     engine.start()
     try:
         assert list(engine.int8_tables) == [(head.out_features, head.in_features)]
+        # timed with the step's bfloat16 layers read between samples, as a step reads them between two heads
+        assert other == [engine._step.float_weight_bytes()] and other[0] > 0
 
         async def run():
             handle = engine.submit([[5, 9, 13, 2]], RequestSampling(max_tokens=8, temperature=0.0, ignore_eos=True,

@@ -64,6 +64,25 @@ def test_bfloat16_decode_step_keeps_norms_dt_and_cache_in_float32():
         DecodeStep(DogeForCausalLM(model.config).eval(), packed=False, dtype=torch.bfloat16)
 
 
+@needs_bf16
+def test_float_weight_bytes_counts_what_a_step_reads_but_int8_layers():
+    """What the int8 kernels' timing reads between samples besides their own bytes (kernel_choice.choose's
+    other_bytes): every linear a step runs, at its stored dtype; int8 layers and the embedding table (read a row a
+    token) are not counted."""
+    torch.manual_seed(0)
+    config = DogeConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+    D, F, L, V, N, K, H = 64, 128, 2, 128, 4, 2, 16
+    linears = (N + 2 * K) * H * D + 2 * F * D + D * N * H + D * F  # q/k/v, gate/up, o, down: per layer
+    dt = K * K * H  # dt_proj [K, K*H] (no bias: attention_bias=False), float32 always
+    bf16 = DecodeStep(DogeForCausalLM(config).eval(), packed=True, dtype=torch.bfloat16)
+    assert bf16.float_weight_bytes() == L * (2 * linears + 4 * dt) + 2 * V * D
+    model = DogeForCausalLM(config).eval()
+    quantize_linears(model)  # every linear int8 but dt_proj, the LM head included
+    int8 = DecodeStep(model)
+    assert int8.float_weight_bytes() == L * 4 * dt
+
+
 def test_int8_weights_are_within_half_a_step():
     dense = linear(48, 64, seed=3)
     q = Int8Linear.from_linear(dense)
@@ -174,6 +193,34 @@ def test_kernel_choice_measures_the_kept_float_weight_beside_int8(monkeypatch):
     assert all(k in available() for _, k in tables[40, 64]) and mixed.float_weight is None
     assert all(layer.float_weight is not None for layer in layers)
     assert "[96x64] more float" in kernel_choice.describe(tables)
+
+
+def test_w8a8_is_chosen_only_where_it_beats_w8a16_by_the_margin():
+    """w8a8 rounds activations to 8 bits: within `W8A8_MARGIN` of w8a16 the more accurate w8a16 runs."""
+    m = kernel_choice.W8A8_MARGIN
+    assert kernel_choice.pick({"w8a16": 1.0, "w8a8": 1.0 / (1 + m / 2)}) == "w8a16"
+    assert kernel_choice.pick({"w8a16": 1.0, "w8a8": 1.0 / (1 + 2 * m)}) == "w8a8"
+    assert kernel_choice.pick({"w8a16": 1.0, "w8a8": 2.0}) == "w8a16"
+    assert kernel_choice.pick({"w8a8": 1.0}) == "w8a8"  # no w8a16 to prefer
+    assert kernel_choice.pick({"float": 0.99, "w8a16": 1.0, "w8a8": 0.995}) == "float"  # float: by time alone
+    assert kernel_choice.pick({"float": 1.2, "w8a16": 1.05, "w8a8": 1.0}) == "w8a16"
+
+
+@pytest.mark.skipif("w8a8" not in available() or "w8a16" not in available(), reason="needs both int8 kernels")
+@pytest.mark.parametrize("w8a16_sleep, expected", [(0.0206, "w8a16"), (0.030, "w8a8")])
+def test_kernel_choice_keeps_w8a16_unless_w8a8_is_clearly_faster(monkeypatch, w8a16_sleep, expected):
+    """Through `choose`: each sample of the group sleeps 20 ms on w8a8 and 20.6 ms (3 % slower: w8a16 kept) or 30
+    ms (50 % slower: w8a8 chosen) on w8a16, far above either kernel's own time."""
+    layers = [Int8Linear.from_linear(linear(96, 64, seed=i)) for i in range(2)]
+    run = Int8Linear.run
+
+    def timed(self, x, kernel):
+        time.sleep(w8a16_sleep / 2 if kernel == "w8a16" else 0.010)  # per layer: the group of 2 sums them
+        return run(self, x, kernel)
+
+    monkeypatch.setattr(Int8Linear, "run", timed)
+    tables = kernel_choice.choose(layers, max_rows=2, repeats=3)  # the best of 3: a neighbour's burst passes
+    assert tables[96, 64] == [(ANY_ROWS, expected)]
 
 
 def test_the_flush_between_samples_reads_at_most_twice_the_last_level_cache():
