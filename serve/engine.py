@@ -7,7 +7,7 @@ more than a batch of 1 on CPU (the weights are read once per step either way), w
 throughput comes from.
 
 The event loop never touches torch: `submit` (called on the loop) enqueues, and the worker hands each step's
-output back with `loop.call_soon_threadsafe`. `RequestHandle.cancel` (a disconnect) is noticed at the next step.
+output back with one `loop.call_soon_threadsafe` for all its requests. `RequestHandle.cancel` (a disconnect) is noticed at the next step.
 
 Two decode paths share this loop: "static" (the default) keeps rows in the fixed slots of `static_cache.SlotBatch`
 and decodes with the hand-written `decode_step.DecodeStep`; "dynamic" keeps them in `kv_batch.KVBatch` and
@@ -402,7 +402,8 @@ class Engine:
 
     def _emit(self, rows: list[_Row], logits: torch.Tensor) -> None:
         """Sample a token for every row, turn it into text, and send each handle its deltas for this step."""
-        sampled = sample(logits, [r.state for r in rows], self.eos_ids)
+        with torch.inference_mode():  # the step's logits are inference tensors, written in place here
+            sampled = sample(logits, [r.state for r in rows], self.eos_ids, inplace=True)
         per_handle: dict[str, tuple[RequestHandle, list[ChoiceDelta]]] = {}
         for row, token, lp in zip(rows, sampled.token_ids, sampled.logprobs):
             row.state.output_ids.append(token)
@@ -429,9 +430,7 @@ class Engine:
             per_handle.setdefault(row.handle.id, (row.handle, []))[1].append(
                 ChoiceDelta(row.index, released, logprobs, finish)
             )
-        for handle, deltas in per_handle.values():
-            if not handle.cancelled:
-                self._push(handle, deltas)
+        self._push_all([(handle, deltas) for handle, deltas in per_handle.values() if not handle.cancelled])
 
     def _token_logprob(self, token: int, lp: tuple[float, list[tuple[int, float]]]) -> TokenLogprob:
         chosen, alternatives = lp
@@ -446,10 +445,20 @@ class Engine:
             self._in_flight -= sequences
 
     def _push(self, handle: RequestHandle, item) -> None:
-        try:
-            handle.loop.call_soon_threadsafe(handle.queue.put_nowait, item)
-        except RuntimeError:  # the event loop is closed: nobody is listening any more
-            pass
+        self._push_all([(handle, item)])
+
+    @staticmethod
+    def _push_all(items: list[tuple[RequestHandle, object]]) -> None:
+        """Hand each handle its item on the handle's event loop: one wake-up per loop, not per handle (each
+        `call_soon_threadsafe` writes the loop's self-pipe, and the woken loop takes the GIL from this thread)."""
+        by_loop: dict[int, tuple[asyncio.AbstractEventLoop, list]] = {}
+        for handle, item in items:
+            by_loop.setdefault(id(handle.loop), (handle.loop, []))[1].append((handle.queue, item))
+        for loop, puts in by_loop.values():
+            try:
+                loop.call_soon_threadsafe(_deliver, puts)
+            except RuntimeError:  # the event loop is closed: nobody is listening any more
+                pass
 
     def _fail_all(self, admitted: list[RequestHandle], message: str) -> None:
         handles = {h.id: h for h in admitted}
@@ -459,6 +468,11 @@ class Engine:
                 self._release(handle, handle.unfinished)
                 self._push(handle, EngineFailure(message))
         self._rows, self._batch = [], self._new_batch()
+
+
+def _deliver(puts: list[tuple[asyncio.Queue, object]]) -> None:
+    for queue, item in puts:
+        queue.put_nowait(item)
 
 
 def _eos_ids(model, tokenizer) -> list[int]:

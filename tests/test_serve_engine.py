@@ -110,6 +110,58 @@ def test_filters_restrict_the_support():
     assert sample(logits, [RowState(p, make_generator(0), [])], eos_ids=[0]).token_ids == [1]
 
 
+def test_penalties_and_eos_masks_touch_only_their_rows_and_a_copy_unless_inplace():
+    """Rows 0 and 2 may not stop yet (ignore_eos, min_tokens), row 1 has a repetition penalty, row 3 nothing: the
+    same tokens whether `sample` edits a copy or, `inplace`, the logits themselves (the engine's own step output),
+    where only the edited rows change."""
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(4, 40, generator=g)
+    logits[:, 7] = 50.0  # the eos id leads every row
+    logits[1, 5] = 60.0  # row 1's seen token leads it more
+    params = [RequestSampling(max_tokens=4, temperature=0.0, ignore_eos=True),
+              RequestSampling(max_tokens=4, temperature=0.0, repetition_penalty=100.0),
+              RequestSampling(max_tokens=4, temperature=0.0, min_tokens=2),
+              RequestSampling(max_tokens=4, temperature=0.0)]
+    rows = [RowState(p, make_generator(0), [5], output_ids=[9] if i == 2 else []) for i, p in enumerate(params)]
+    masked = logits.clone()
+    masked[[0, 2], 7] = float("-inf")
+    expected = [int(masked[0].argmax()), 7, int(masked[2].argmax()), 7]  # row 1: 60 / 100 < 50, eos allowed
+    before = logits.clone()
+    assert sample(logits, rows, eos_ids=[7]).token_ids == expected
+    assert torch.equal(logits, before)  # a copy was edited
+    assert sample(logits, rows, eos_ids=[7], inplace=True).token_ids == expected
+    assert torch.equal(logits[3], before[3]) and torch.equal(logits[[0, 2]], masked[[0, 2]])
+    assert float(logits[1, 5]) == pytest.approx(60.0 / 100.0)
+
+
+def test_a_step_wakes_each_event_loop_once_for_all_its_requests(model_and_tokenizer):
+    """Four requests decoding together: each step's deltas reach the loop in one `call_soon_threadsafe`."""
+    model, tokenizer = model_and_tokenizer
+    engine = Engine(model, tokenizer, max_batch=4, threads=1)
+    engine.start()
+    calls = []
+
+    async def run():
+        loop = asyncio.get_running_loop()
+        original = loop.call_soon_threadsafe
+
+        def counting(callback, *args):
+            calls.append(len(args[0]) if args and isinstance(args[0], list) else 1)
+            return original(callback, *args)
+
+        loop.call_soon_threadsafe = counting
+        handles = [engine.submit([[5 + i, 6, 7]], RequestSampling(max_tokens=6, temperature=0.0, ignore_eos=True))
+                   for i in range(4)]
+        return [[d async for d in h.deltas()] for h in handles]
+
+    try:
+        results = asyncio.run(run())
+    finally:
+        engine.stop()
+    assert all(sum(len(batch) for batch in r) == 6 for r in results)
+    assert 4 in calls and len(calls) <= 6 + 3  # one per step (a prefill may admit fewer than all four at once)
+
+
 def test_engine_batches_cancels_and_bounds_the_queue(model_and_tokenizer):
     model, tokenizer = model_and_tokenizer
     engine = Engine(model, tokenizer, max_batch=4, max_queue=2, threads=1)
