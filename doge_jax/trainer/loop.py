@@ -387,11 +387,12 @@ class Trainer:
             for s in STOP_SIGNALS if on_main_thread else ():
                 signal.signal(s, signal.SIG_IGN)  # the saves already started finish before it exits
             self.checkpointer.close()
-            good = (f"the last checkpoint, step {run.last_saved}, {self.checkpointer.root}/{run.last_saved}, is intact: "
-                    "rerun the same command to resume from it" if run.last_saved is not None
-                    else "no checkpoint was written yet")
-            raise StoppedAtOnce(f"stopped at once by a second {signal.Signals(self.stop_signal).name} during step "
-                                f"{step + 1}, which is not saved; {good}") from None
+            # No step number for the work lost: steps are dispatched ahead, so the one the device was running is
+            # not the loop's count. What matters is where a rerun resumes.
+            good = (f"the steps after step {run.last_saved} are not saved; the last checkpoint, step {run.last_saved}, "
+                    f"{self.checkpointer.root}/{run.last_saved}, is intact: rerun the same command to resume from it"
+                    if run.last_saved is not None else "no checkpoint was written yet, so no step of this run is saved")
+            raise StoppedAtOnce(f"stopped at once by a second {signal.Signals(self.stop_signal).name}: {good}") from None
         finally:
             self.log.close()
             if on_main_thread:
