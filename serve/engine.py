@@ -7,7 +7,8 @@ more than a batch of 1 on CPU (the weights are read once per step either way), w
 throughput comes from.
 
 The event loop never touches torch: `submit` (called on the loop) enqueues, and the worker hands each step's
-output back with one `loop.call_soon_threadsafe` for all its requests. `RequestHandle.cancel` (a disconnect) is noticed at the next step.
+output back with one `loop.call_soon_threadsafe` for all its requests. `RequestHandle.cancel` (a disconnect) is
+noticed at the next step.
 
 Two decode paths share this loop: "static" (the default) keeps rows in the fixed slots of `static_cache.SlotBatch`
 and decodes with the hand-written `decode_step.DecodeStep`; "dynamic" keeps them in `kv_batch.KVBatch` and

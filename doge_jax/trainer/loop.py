@@ -389,10 +389,12 @@ class Trainer:
             self.checkpointer.close()
             # No step number for the work lost: steps are dispatched ahead, so the one the device was running is
             # not the loop's count. What matters is where a rerun resumes.
-            good = (f"the steps after step {run.last_saved} are not saved; the last checkpoint, step {run.last_saved}, "
-                    f"{self.checkpointer.root}/{run.last_saved}, is intact: rerun the same command to resume from it"
-                    if run.last_saved is not None else "no checkpoint was written yet, so no step of this run is saved")
-            raise StoppedAtOnce(f"stopped at once by a second {signal.Signals(self.stop_signal).name}: {good}") from None
+            saved = run.last_saved
+            good = (f"the steps after step {saved} are not saved; the last checkpoint, step {saved}, "
+                    f"{self.checkpointer.root}/{saved}, is intact: rerun the same command to resume from it"
+                    if saved is not None else "no checkpoint was written yet, so no step of this run is saved")
+            name = signal.Signals(self.stop_signal).name
+            raise StoppedAtOnce(f"stopped at once by a second {name}: {good}") from None
         finally:
             self.log.close()
             if on_main_thread:
