@@ -7,6 +7,8 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 import train_harness as th
 from doge_jax import checkpoint as ckpt
 
@@ -128,3 +130,42 @@ def test_ctrl_c_saves_and_stops_and_a_second_ctrl_c_stops_at_once(tmp_path):
     assert len(lines) == 1 and "stopped at once by a second SIGINT: the steps after step" in lines[0], out[-3000:]
     final = ckpt.resolve(run).step  # the latest complete checkpoint: the one the line names
     assert final >= stopped_at and f"{run}/checkpoints/{final}, is intact" in lines[0], (lines, final)
+
+
+def test_a_second_ctrl_c_exits_without_waiting_for_the_step_in_flight(tmp_path):
+    """"Stopped at once" means the process ends then: the step the device is running cannot be cancelled, and a
+    normal interpreter exit would wait for it (doge_60m on a 2-core CPU: 42 minutes). Here a first step of ~10-30 s;
+    both signals land right after the run's banner, inside it, and the process must be gone within a few seconds
+    of the "stopped:" line, with no checkpoint claimed and no traceback."""
+    corpus = th.write_corpus(str(tmp_path / "c.txt"))
+    run = str(tmp_path / "run")
+    heavy = dict(total_steps=3, checkpoint__every_steps=0, eval_every=0, batch_size=128, seq_len=256,
+                 model__hidden_size=512, model__intermediate_size=2048, model__max_position_embeddings=256,
+                 model__keep_window_size=256)
+    log_path = tmp_path / "log"
+    with open(log_path, "w") as log:
+        proc = _start(th.cli_args(corpus, run, **heavy), os.environ, log)
+
+        def wait_for(text: str, timeout: float) -> float:
+            deadline = time.time() + timeout
+            while text not in log_path.read_text():
+                assert time.time() < deadline and proc.poll() is None, log_path.read_text()[-3000:]
+                time.sleep(0.01)
+            return time.time()
+
+        wait_for("params (", 300)  # the banner: compiled, the training loop starts now
+        proc.send_signal(signal.SIGINT)
+        wait_for("SIGINT: saving a checkpoint after this step", 60)
+        proc.send_signal(signal.SIGINT)
+        stopped = wait_for("stopped: ", 60)
+        try:
+            code = proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            raise AssertionError(f"still running 5 s after the stop line, waiting for its step: "
+                                 f"{log_path.read_text()[-2000:]}") from None
+    out = log_path.read_text()
+    assert code == 130 and "Traceback" not in out, out[-3000:]
+    assert "no checkpoint was written yet" in out and time.time() - stopped < 6
+    with pytest.raises(FileNotFoundError, match="holds no complete checkpoint"):
+        ckpt.resolve(run)

@@ -113,7 +113,12 @@ def main(argv) -> int:
         return DIVERGED_EXIT_CODE
     except StoppedAtOnce as e:
         print(f"stopped: {e}", file=sys.stderr)
-        return stop_code(trainer.stop_signal)
+        # The step in flight cannot be cancelled, and a normal exit waits for it (doge_60m on a 2-core CPU: a step
+        # of 42 minutes or more after "stopped at once"). Nothing is left to write: Trainer.run closed the
+        # checkpointer, whose started saves have finished, and the run's log. So leave now.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(stop_code(trainer.stop_signal))
     except KeyboardInterrupt:  # Ctrl-C before the training loop (setup, compiling): nothing of this run to save
         print("stopped: interrupted (Ctrl-C) before the first step; this run wrote no checkpoint", file=sys.stderr)
         return INTERRUPTED_EXIT_CODE
