@@ -11,8 +11,8 @@ its own, and a caller's JAX_COMPILATION_CACHE_DIR is left alone.
 The order: xdist (`--dist loadfile`) hands each of its two workers a file at a time, in collection order, and by
 default first sorts the files by their number of tests, which put the notebooks' five tests (396 s together)
 among the last files: on the 2-core EPYC the run's last seven minutes had one worker busy and the other done
-(1174 s wall for 2187 s of tests). Here the longest files come first (longest-first list scheduling; `LONGEST`,
-from `--durations=0` of that run, 2026-12-07), then the rest by test count as xdist would, and pyproject's
+(1174 s wall for 2187 s of tests). Here the longest files come first (longest-first list scheduling; `SECONDS`,
+from `--durations=0`), then the rest by test count as xdist would, and pyproject's
 addopts turn xdist's own reordering off. Tests within a file keep their order.
 """
 
@@ -25,10 +25,18 @@ import tempfile
 
 _OWNED = "DOGE_TEST_XLA_CACHE_OWNED"
 
-# Seconds each took in that run (all its tests together): 396, 150, 142, 113, 103, 96, 96, 91, 81, 72, 63, 60.
-LONGEST = ("test_notebooks.py", "test_kernels_tpu.py", "test_fit.py", "test_eval.py", "test_moe_parallel.py",
-           "test_mesh_devices.py", "test_train_resume.py", "test_token_scores.py", "test_kernels_mesh.py",
-           "test_kernels_dma.py", "test_storage_gcs.py", "test_remat.py")
+# Seconds of each file's tests together (the larger of two `--durations=0` runs on the 2-core EPYC, 2026-12-07),
+# for every file of 15 s or more. A new long file belongs here: unlisted files go after these.
+SECONDS = {"test_notebooks.py": 396, "test_kernels_tpu.py": 150, "test_fit.py": 142, "test_eval.py": 113,
+           "test_moe_parallel.py": 103, "test_mesh_devices.py": 102, "test_train_resume.py": 96,
+           "test_token_scores.py": 92, "test_kernels_mesh.py": 81, "test_kernels_dma.py": 72,
+           "test_storage_gcs.py": 63, "test_remat.py": 60, "test_gpu_check_dry_run.py": 56,
+           "test_train_eval_tasks.py": 50, "test_parity.py": 47, "test_model.py": 42,
+           "test_mesh_multiprocess.py": 41, "test_kernels_tpu_sparse.py": 41, "test_legacy_layout.py": 38,
+           "test_chain.py": 37, "test_serve_quality.py": 36, "test_train_step.py": 35, "test_convert.py": 28,
+           "test_serve_compiled.py": 27, "test_lowering.py": 25, "test_sampler.py": 25, "test_serve_loading.py": 24,
+           "test_data_pipeline.py": 21, "test_cli_workdir.py": 19, "test_kernels_model.py": 16,
+           "test_moe_continuation.py": 16}
 
 
 def pytest_configure(config):
@@ -46,7 +54,7 @@ def pytest_unconfigure(config):
 
 
 def pytest_collection_modifyitems(config, items):
-    """Longest files first, then by test count (most first); a stable sort keyed by file only."""
+    """Longest files first (`SECONDS`), then the others by test count (most first); a stable sort keyed by file
+    only."""
     counts = collections.Counter(item.path.name for item in items)
-    rank = {name: i for i, name in enumerate(LONGEST)}
-    items.sort(key=lambda item: (rank.get(item.path.name, len(LONGEST)), -counts[item.path.name], item.path.name))
+    items.sort(key=lambda item: (-SECONDS.get(item.path.name, 0), -counts[item.path.name], item.path.name))
