@@ -400,7 +400,8 @@ def main() -> None:
             if args.compile_check:
                 from serve_checks import compile_check
 
-                compile_check(hf_dir, 128)
+                for variant in ("bf16", "int8"):
+                    compile_check(hf_dir, 128, variant)
                 continue
             if args.layout_check:
                 from serve_checks import layout_check

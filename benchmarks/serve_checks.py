@@ -15,24 +15,44 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 
-def compile_check(hf_dir: Path, tokens: int, dtype: str = "bfloat16") -> None:
-    """The static decode step eager against `compile=True` (serve/compiled.py), one thread, the same linear kinds
-    on both sides (measured once, on the eager one), batch 1 and batch 8, `tokens` tokens each; with the compile
-    time and whether both gave the same greedy tokens."""
+def compile_check(hf_dir: Path, tokens: int, variant: str = "bf16") -> None:
+    """The static decode step eager against `compile=True` (serve/compiled.py), one thread, set up as the server
+    sets up `variant`: "bf16" (bfloat16 layers, the int8 LM head), "int8" (every linear int8 with its float copy,
+    the kernel tables measured once, on the eager side, and given to both) or "fp32"; the same linear kinds on both
+    sides (measured once, on the eager one), batch 1 and batch 8, `tokens` tokens each; with the compile time and
+    whether both gave the same greedy tokens."""
     import copy
 
     import torch
     from transformers import AutoModelForCausalLM
 
+    from serve import kernel_choice
     from serve.decode_step import DecodeStep
     from serve.kv_batch import KVBatch
+    from serve.quantize import Int8Linear, quantize_head, quantize_linears
     from serve.static_cache import SlotBatch
 
     torch.set_num_threads(1)
     model = AutoModelForCausalLM.from_pretrained(hf_dir).eval()
+    if variant == "int8":
+        quantize_linears(model, keep_float=True)
+    elif variant == "bf16":
+        quantize_head(model)
     twin = copy.deepcopy(model)
-    eager = DecodeStep(model, dtype=getattr(torch, dtype), rows=(1, 8))
-    compiled = DecodeStep(twin, dtype=getattr(torch, dtype), kinds=eager.kinds, compile=True)
+    dtype = torch.bfloat16 if variant == "bf16" else torch.float32
+    eager = DecodeStep(model, dtype=dtype, rows=(1, 8))
+    compiled = DecodeStep(twin, dtype=dtype, kinds=eager.kinds, compile=True)
+
+    def int8_layers(step, m) -> list:
+        return [x for x in m.modules() if isinstance(x, Int8Linear)] + step.fused_layers(Int8Linear)
+
+    tables = ""
+    if int8_layers(eager, model):  # as the server's warm-up does, before the first step compiles
+        tables = "; int8 " + kernel_choice.describe(kernel_choice.choose(int8_layers(eager, model), 8,
+                                                                         other_bytes=eager.float_weight_bytes()))
+        for a, b in zip(int8_layers(eager, model), int8_layers(compiled, twin), strict=True):
+            b.set_table(a.table)
+            b.drop_unused_float()
 
     def run(step, m, rows: int) -> tuple[float, list[int]]:
         batch = SlotBatch(step, slots=rows, max_len=tokens + 8)
@@ -54,10 +74,10 @@ def compile_check(hf_dir: Path, tokens: int, dtype: str = "bfloat16") -> None:
         e = [run(eager, model, rows) for _ in range(3)]
         c = [run(compiled, twin, rows) for _ in range(3)]
         e_ms, c_ms = statistics.median(r[0] for r in e), statistics.median(r[0] for r in c)
-        print(f"compile check ({hf_dir.name}, {dtype}, batch {rows}, 1 thread, {tokens} tokens, load "
+        print(f"compile check ({hf_dir.name}, {variant}, batch {rows}, 1 thread, {tokens} tokens, load "
               f"{os.getloadavg()[0]:.1f}): eager step {e_ms:.2f} ms, compiled {c_ms:.2f} ms -> {e_ms / c_ms:.2f}x "
-              f"(compiling both batch classes took {compile_s:.0f} s; same greedy tokens: {e[0][1] == c[0][1]})",
-              flush=True)
+              f"(compiling both batch classes took {compile_s:.0f} s; same greedy tokens: {e[0][1] == c[0][1]})"
+              f"{tables if rows == 1 else ''}", flush=True)
 
 
 def layout_check(hf_dir: Path, threads: int) -> None:

@@ -1,39 +1,51 @@
-"""The decode step's layers compiled with `torch.compile` (inductor, C++ wrapper): `--compile`.
+"""The decode step's layers compiled with `torch.compile` (inductor, C++ wrapper, freezing): `--compile`.
 
 At batch 1 a Doge-20M step is a few hundred small ATen calls, and on some CPUs each costs far more than the
-arithmetic it does. Measured on the 2-core Intel Xeon (family 6 model 207, torch 2.13, 1 thread, Doge-20M shape,
-the kinds `linear_choice.py` picks, bf16; `python benchmarks/bench_serve.py --compile-check --shapes 20m`): the
-eager step 4.81 ms, with its layers compiled 3.31 ms, the same greedy tokens (batch 8: 7.20 -> 5.73 ms).
-Inductor fuses the norms, RoPE, the `dt` bias and the residuals into a few C++ loops, and the C++ wrapper calls
-the rest without Python in between.
+arithmetic it does. Compiled, the norms, RoPE, the `dt` bias and the residuals become a few C++ loops, and the
+C++ wrapper calls the rest without Python in between.
+
+The weights are frozen: each linear of the compiled layers is a `FrozenLinear` (a dense parameter in the step's
+dtype for its shape: bfloat16 where the eager step packs bf16, float32 elsewhere), and inductor's freezing pass
+turns every parameter into a constant and prepacks it for its own kernel: oneDNN's `_linear_pointwise` for
+bfloat16, MKL's packed GEMM (`_mkl_linear`) for float32. An int8 layer whose measured table (`kernel_choice.py`)
+runs w8a16 at every row count becomes inductor's weight-only int8 pattern (`FrozenInt8Linear`), which it lowers
+to the same `_weight_int8pack_mm` the eager layer calls; one whose table mixes kernels by rows, or runs w8a8
+(fbgemm, which inductor does not lower), is called through one opaque custom op (`doge_serve::linear`, a registry
+index in, the layer's own forward inside). The first version made every packed and int8 linear such an opaque
+call: each one a trip back into Python, and measured on the 2-core AMD EPYC (Doge-20M, bf16, 1 thread) it gained
+1.38x at batch 1 where freezing gains ~1.8x (figures in serve/README.md).
 
 What is compiled is `DecodeStep.layers_fn` only: the embedding lookup, RoPE's table, the final norm and the LM
-head stay eager (the head is one call, bound by its bytes). Linears on dense float32 weights are ordinary
-matmuls to inductor; oneDNN-packed and int8 layers are opaque to it, so each is called through one custom op
-(`doge_serve::linear`, a registry index in, the layer's own forward inside). Rows reaching past the DMA window
-(`keep_window_size`) run the eager layers, whose top-k inductor would need a graph of its own for.
+head stay eager (the head is one call, bound by its bytes, and its int8 form recomputes leading logits in NumPy,
+`exact_head.py`). Rows reaching past the DMA window (`keep_window_size`) run the eager layers, whose top-k
+inductor would need a graph of its own for.
 
-The cost is compile time when the server starts: inductor compiles one program for batch 1 and one for any
-larger batch and key length (dynamic shapes; the warm-up runs both before /health answers). On the 2-core Xeon
-that is 64-100 s for Doge-20M and ~310 s for Doge-60M the first time (where, bound by its bytes, it gained
-nothing); inductor's on-disk cache (`TORCHINDUCTOR_CACHE_DIR`, by default under
-the system temp dir) makes later starts with the same model shape faster. It needs a C++ compiler (inductor's
-requirement); without one the server refuses to start with a one-line error saying so.
-
-Dynamo checks ~1,800 guards before each call, most on the step's own layers and weights. Dropping those (its
-`guard_filter_fn` option, with each step compiled over a code object of its own so no step could run another's
-graphs) was measured and not kept: a Doge-20M bf16 step of 3.104 ms became 3.052 (batch 8: 6.306 -> 6.257 ms;
-2-core Xeon, same process, 9 interleaved rounds), 1.7 % for guards torch calls unsafe.
+The cost is start-up and memory. Inductor compiles one program for batch 1 and one for any larger batch and key
+length (dynamic shapes; the warm-up runs both before /health answers): ~45-80 s for Doge-20M on the 2-core EPYC,
+every start (inductor's on-disk FX graph cache is bypassed when freezing; only its C++ builds are reused). The
+frozen weights are a second copy beside the eager step's (which prefill and rows past the window use): Doge-20M
+in bf16 held ~250 MiB more at its peak. It needs a C++ compiler (inductor's requirement); without one the server
+refuses to start with a one-line error saying so.
 """
 
 from __future__ import annotations
 
+import copy
 import shutil
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
+from .fused import concat_bias
+from .quantize import Int8Linear
+
 _LAYERS: list[nn.Module] = []  # what each index of the custom op calls
+
+# (attribute of the step's `_Layer`, the model's linears it computes): what `float_weights` collects
+LINEARS = (("qkv_call", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+           ("gate_up_call", ("mlp.gate_proj", "mlp.up_proj")),
+           ("o_proj", ("self_attn.o_proj",)), ("down_proj", ("mlp.down_proj",)), ("dt_proj", ("self_attn.dt_proj",)))
 
 
 @torch.library.custom_op("doge_serve::linear", mutates_args=())
@@ -53,6 +65,33 @@ def opaque(layer: nn.Module):
     return lambda x: torch.ops.doge_serve.linear(x, index)
 
 
+class FrozenLinear(nn.Module):
+    """y = x W^T + b with W a dense parameter in `dtype`, x and y in the caller's dtype: what inductor freezes (its
+    own oneDNN-packed constant) when the layers are compiled."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype):
+        super().__init__()
+        self.weight = nn.Parameter(weight.detach().to(dtype).contiguous(), requires_grad=False)
+        self.bias = None if bias is None else nn.Parameter(bias.detach().to(dtype).contiguous(), requires_grad=False)
+        self.out_features, self.in_features = self.weight.shape
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x.to(self.weight.dtype), self.weight, self.bias).to(x.dtype)
+
+
+def float_weights(layer: nn.Module) -> dict[str, tuple[torch.Tensor, torch.Tensor | None] | None]:
+    """{`_Layer` attribute: (weight [O, I], bias) of its linears side by side} for a decoder layer's float32
+    `nn.Linear`s, read before the step re-lays them out (None where they are something else: int8)."""
+    out = {}
+    for name, paths in LINEARS:
+        linears = [layer.get_submodule(p) for p in paths]
+        if all(type(m) is nn.Linear and m.weight.dtype == torch.float32 for m in linears):
+            out[name] = torch.cat([m.weight.detach() for m in linears]), concat_bias(linears)
+        else:
+            out[name] = None
+    return out
+
+
 def compiler() -> str | None:
     """The C++ compiler inductor will use, or None when there is none."""
     from torch._inductor import cpp_builder
@@ -64,15 +103,93 @@ def compiler() -> str | None:
     return name if shutil.which(name) else None
 
 
-def compile_layers(step) -> callable:
-    """`step.layers_fn` compiled; packed and int8 linears of `step` go through `opaque` first."""
+class FrozenInt8Linear(nn.Module):
+    """An `Int8Linear` on its w8a16 kernel, written as inductor's weight-only int8 pattern (a linear on the int8
+    weight cast to the bfloat16 input's dtype, times the scales), which it lowers to the same
+    `_weight_int8pack_mm` call: the same bits as the eager layer, without a custom op around it."""
+
+    def __init__(self, layer: Int8Linear):
+        super().__init__()
+        self.qweight = nn.Parameter(layer.qweight, requires_grad=False)  # the layer's own tensors, not copies
+        self.scales = nn.Parameter(layer.scales_bf16, requires_grad=False)
+        self.bias = layer.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = (torch.mm(x.to(torch.bfloat16), self.qweight.t().to(torch.bfloat16)) * self.scales).float()
+        return y if self.bias is None else y + self.bias
+
+
+def _int8_view(layer: Int8Linear) -> nn.Module | None:
+    """What compiles an int8 layer whose measured table runs one kernel at every row count; None for a mix."""
+    kernels = {kernel for _, kernel in layer.table}
+    if kernels == {"w8a16"}:
+        return FrozenInt8Linear(layer)
+    if kernels == {"float"}:
+        return FrozenLinear(layer.float_weight, layer.bias, torch.float32)
+    return None
+
+
+class CompiledLayers(nn.Module):
+    """The step's `layers_fn` over copies of its layers whose linears are `FrozenLinear`s (float weights in the
+    step's dtype per shape) and `FrozenInt8Linear`s (int8 layers on w8a16 at every row count), compiled by inductor
+    with freezing; other int8 layers (a table mixing kernels by rows) go through `opaque`. Built on the first
+    call: an int8 layer's table is measured at warm-up, after the step is built."""
+
+    def __init__(self, step, weights: list[dict]):
+        super().__init__()
+        self._layers_fn = step.layers_fn  # the step's own (a test wraps the eager one it calls)
+        self._step = [step]  # in a list: not a submodule
+        self.linears = nn.ModuleList()
+        self._float: list[dict[str, FrozenLinear]] = []  # per layer, converted now: the float32 copies go
+        for found in weights:
+            frozen = {}
+            for name, pair in found.items():
+                if pair is not None:
+                    weight, bias = pair
+                    dtype = step.weight_dtype if step.is_packed(tuple(weight.shape)) else torch.float32
+                    frozen[name] = FrozenLinear(weight, bias, dtype)
+            self._float.append(frozen)
+        self.layers: list = []
+        self._compiled = None
+
+    def _build(self) -> None:
+        step = self._step[0]
+        for lay, frozen in zip(step.layers, self._float):
+            view = copy.copy(lay)  # the eager layer, its linears replaced: `layers_fn` and `mlp` read them
+            for name, _ in LINEARS:
+                linear = frozen.get(name)
+                if linear is None:
+                    layer = getattr(lay, name).__self__  # an Int8Linear's forward
+                    linear = _int8_view(layer) if isinstance(layer, Int8Linear) else None
+                    if linear is None:
+                        setattr(view, name, opaque(layer))
+                        continue
+                self.linears.append(linear)
+                setattr(view, name, linear.forward)
+            self.layers.append(view)
+        self._float = []
+        self._compiled = torch.compile(self._forward, dynamic=True, options={"cpp_wrapper": True, "freezing": True})
+
+    def _forward(self, *args) -> torch.Tensor:
+        return self._layers_fn(*args, layers=self.layers)
+
+    def forward(self, *args) -> torch.Tensor:
+        if self._compiled is None:
+            self._build()
+        # Dynamo reads inductor's `freezing` flag when it traces (parameters become constants only then, and only
+        # without grad): set for these calls alone, not for the rest of the process.
+        config = torch._inductor.config
+        before, config.freezing = config.freezing, True
+        try:
+            return self._compiled(*args)
+        finally:
+            config.freezing = before
+
+
+def compile_layers(step, weights: list[dict]) -> CompiledLayers:
+    """`step.layers_fn` compiled over `weights` (`float_weights` of each layer, read before the step re-laid
+    them out)."""
     if compiler() is None:
         raise ValueError("compile=True: torch.compile needs a C++ compiler (g++ or clang++) and none was found; "
                          "install one or start without --compile")
-    for lay in step.layers:
-        for name in ("qkv_call", "gate_up_call", "o_proj", "down_proj", "dt_proj"):
-            fn = getattr(lay, name)
-            module = getattr(fn, "__self__", None)
-            if isinstance(module, nn.Module) and type(module) is not nn.Linear:
-                setattr(lay, name, opaque(module))
-    return torch.compile(step.layers_fn, dynamic=True, options={"cpp_wrapper": True})
+    return CompiledLayers(step, weights)

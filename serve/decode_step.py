@@ -219,7 +219,9 @@ class DecodeStep:
         self.groups = self.heads // self.kv_heads
         self.window = int(cfg.keep_window_size)
         is_packed = self.is_packed
-        self.layers = [_Layer(layer, is_packed, dtype) for layer in model.model.layers[: cfg.num_hidden_layers]]
+        decoder = model.model.layers[: cfg.num_hidden_layers]
+        weights = [compiled.float_weights(layer) for layer in decoder] if compile else None  # before re-layout
+        self.layers = [_Layer(layer, is_packed, dtype) for layer in decoder]
         self._rope_table: tuple[torch.Tensor, torch.Tensor] | None = None  # cos, signed sin [positions, H]
         head = model.lm_head
         # a packed head: a tied embedding keeps the dense tensor for its lookups
@@ -230,7 +232,7 @@ class DecodeStep:
             if model.model.embed_tokens.weight is head.weight:
                 model.model.embed_tokens.weight = weight
             head.weight = weight
-        self.compiled_layers = compiled.compile_layers(self) if compile else None
+        self.compiled_layers = compiled.compile_layers(self, weights) if compile else None
 
     def is_packed(self, shape: tuple[int, int]) -> bool:
         return self.kinds.get(shape) == "packed"
@@ -313,16 +315,17 @@ class DecodeStep:
 
     def layers_fn(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor,
                   k_caches: list[torch.Tensor], v_caches: list[torch.Tensor], dt_caches: list[torch.Tensor],
-                  keys: int) -> torch.Tensor:
+                  keys: int, layers: list[_Layer] | None = None) -> torch.Tensor:
         """The decoder layers on the new tokens' embeddings x [B, D]: writes each layer's key, value and `dt` at
-        `positions`, attends over the first `keys` columns, returns the last hidden state [B, D]."""
+        `positions`, attends over the first `keys` columns, returns the last hidden state [B, D]. layers: the
+        step's own by default; `compiled.py` passes copies whose linears it compiles."""
         B, S = x.shape[0], keys
         N, K, G, H = self.heads, self.kv_heads, self.groups, self.head_dim
         minimum = torch.finfo(self.dtype).min
         slot = torch.arange(B)
         top_k = S > self.window  # the longest row holds S keys
         D = x.shape[-1]
-        for i, lay in enumerate(self.layers):
+        for i, lay in enumerate(self.layers if layers is None else layers):
             residual = x
             h = F.rms_norm(x, (D,), *lay.input_norm)
             qkv = lay.qkv_call(h)  # [B, (N + 2K) H]

@@ -221,9 +221,12 @@ def test_int8_layers_kept_float_decode_what_generate_decodes():
 
 
 def test_compiled_layers_decode_what_generate_decodes():
-    """`compile=True` (compiled.py): inductor compiles the layers once for batch 1 and once for any larger batch;
-    packed layers reach it through the opaque custom op, dense ones as matmuls. Greedy tokens must equal
-    generate's with one row, then two, and after a row passes the DMA window (whose top-k runs the eager layers)."""
+    """`compile=True` (compiled.py): inductor compiles the layers once for batch 1 and once for any larger batch,
+    with every float weight frozen into a prepacked kernel of its own (oneDNN or MKL), no opaque call left. Greedy
+    tokens must equal generate's with one row, then two, and after a row passes the DMA window (whose top-k runs
+    the eager layers)."""
+    from torch._inductor.utils import run_and_get_code
+
     from serve import packed_linear
 
     model = random_doge(seed=1, keep_window_size=40)
@@ -240,18 +243,79 @@ def test_compiled_layers_decode_what_generate_decodes():
     step.layers_fn = lambda *args: eager_calls.append(args[-1]) or eager(*args)
     batch = SlotBatch(step, slots=2, max_len=64)
     produced = []
+    codes = []
     for i, prompt in enumerate(prompts):
         prefill, logits = KVBatch(model).prefill([prompt])
         batch.merge(prefill)
         produced.append([int(logits[0].argmax())])
         steps = new - 1 if i == 1 else 4  # the first row decodes alone for 4 steps, then beside the second
-        for _ in range(steps):
+        for s in range(steps):
             live = [r for r, toks in enumerate(produced) if len(toks) < new]
-            logits = batch.decode([toks[-1] for toks in produced])
+            if s == 0:  # the first step of each batch size compiles its program: keep the C++ inductor wrote
+                logits, code = run_and_get_code(batch.decode, [toks[-1] for toks in produced])
+                codes += code
+            else:
+                logits = batch.decode([toks[-1] for toks in produced])
             for r in live:
                 produced[r].append(int(logits[r].argmax()))
     assert [p[: new] for p in produced] == expected
     assert eager_calls and min(eager_calls) == 41  # only steps past the window ran eagerly
+    assert len(codes) == 2  # batch 1, then any larger batch
+    for code in codes:  # weights frozen and prepacked: MKL's packed float32 GEMM (oneDNN's with packed_linear bf16)
+        assert "_mkl_linear" in code and "doge_serve" not in code, code[:2000]
+
+
+def _greedy_steps(model, step: DecodeStep, prompts: list[list[int]], new: int) -> tuple[list[list[int]], list[str]]:
+    """Both prompts decoded together for `new` greedy tokens; the C++ of every program compiled on the way."""
+    from unittest import mock
+
+    from torch._inductor.graph import GraphLowering
+
+    batch = SlotBatch(step, slots=len(prompts), max_len=64)
+    prefill, logits = KVBatch(model).prefill(prompts)
+    batch.merge(prefill)
+    produced, codes = [[int(t)] for t in logits.argmax(-1)], []
+    with mock.patch.object(GraphLowering, "save_output_code", codes.append):  # what run_and_get_code records
+        for _ in range(new - 1):
+            logits = batch.decode([toks[-1] for toks in produced])
+            for r, row in enumerate(logits):
+                produced[r].append(int(row.argmax()))
+    return produced, codes
+
+
+@pytest.mark.parametrize("kind", ["bfloat16", "int8 w8a16", "int8 mixed"])
+def test_compiled_bf16_and_int8_layers_decode_what_the_eager_step_decodes(kind):
+    """bfloat16 weights are frozen into oneDNN's packed bf16 kernel; an int8 layer whose measured table runs w8a16
+    at every row count becomes inductor's weight-only int8 pattern, lowered to the same `_weight_int8pack_mm`; a
+    table mixing kernels by rows keeps the opaque call (`doge_serve::linear`), which picks per call. Greedy tokens
+    equal the eager step's on the same weights, two rows together."""
+    from serve import packed_linear
+    from serve.quantize import Int8Linear, available, quantize_linears
+
+    if kind == "bfloat16" and not packed_linear.available(torch.bfloat16):
+        pytest.skip("this torch has no oneDNN packed bf16 linear")
+    if kind.startswith("int8") and "w8a16" not in available():
+        pytest.skip("no w8a16 kernel here")
+    model = random_doge(seed=4, keep_window_size=40)
+    if kind.startswith("int8"):
+        quantize_linears(model, keep_float=True)  # "float" is a kernel too: the mixed table below runs it
+    prompts = [distinct_prompt(12, seed=20), distinct_prompt(12, seed=21)]
+    steps = []
+    for compile in (False, True):
+        twin = copy.deepcopy(model)
+        dtype = torch.bfloat16 if kind == "bfloat16" else torch.float32
+        step = DecodeStep(twin, dtype=dtype, packed=True if kind == "bfloat16" else None, compile=compile)
+        table = [(1 << 30, "w8a16")] if kind == "int8 w8a16" else [(1, "w8a16"), (1 << 30, "float")]
+        for layer in [m for m in twin.modules() if isinstance(m, Int8Linear)] + step.fused_layers(Int8Linear):
+            layer.set_table(table)  # as the warm-up's measurement would, before the first (compiling) step
+        steps.append(_greedy_steps(twin, step, prompts, 10))
+    (eager, no_code), (compiled, codes) = steps
+    assert no_code == [] and len(codes) == 1  # one program, for batch 2
+    assert compiled == eager
+    want = {"bfloat16": "_linear_pointwise", "int8 w8a16": "_weight_int8pack_mm", "int8 mixed": "doge_serve"}[kind]
+    assert want in codes[0], codes[0][:2000]
+    if kind != "int8 mixed":
+        assert "doge_serve" not in codes[0]
 
 
 @pytest.mark.parametrize("rope", [None, {"rope_type": "dynamic", "factor": 4.0}, {"rope_type": "linear", "factor": 2.0}])
