@@ -6,14 +6,21 @@ C++ wrapper calls the rest without Python in between.
 
 The weights are frozen: each linear of the compiled layers is a `FrozenLinear` (a dense parameter in the step's
 dtype for its shape: bfloat16 where the eager step packs bf16, float32 elsewhere), and inductor's freezing pass
-turns every parameter into a constant and prepacks it for its own kernel: oneDNN's `_linear_pointwise` for
-bfloat16, MKL's packed GEMM (`_mkl_linear`) for float32. An int8 layer whose measured table (`kernel_choice.py`)
-runs w8a16 at every row count becomes inductor's weight-only int8 pattern (`FrozenInt8Linear`), which it lowers
-to the same `_weight_int8pack_mm` the eager layer calls; one whose table mixes kernels by rows, or runs w8a8
-(fbgemm, which inductor does not lower), is called through one opaque custom op (`doge_serve::linear`, a registry
-index in, the layer's own forward inside). The first version made every packed and int8 linear such an opaque
-call: each one a trip back into Python, and measured on the 2-core AMD EPYC (Doge-20M, bf16, 1 thread) it gained
-1.38x at batch 1 where freezing gains ~1.8x (figures in serve/README.md).
+turns every parameter into a constant and prepacks it. An int8 layer whose measured table (`kernel_choice.py`)
+runs w8a16 at every row count becomes inductor's weight-only int8 pattern (`FrozenInt8Linear`); one whose table
+mixes kernels by rows, or runs w8a8 (fbgemm, which inductor does not lower), is called through one opaque custom
+op (`doge_serve::linear`, a registry index in, the layer's own forward inside). Then inductor's autotuning
+(`OPTIONS`) times, for each product's shape and row count, the ATen kernel (oneDNN's `_linear_pointwise` for
+bfloat16, MKL's packed `_mkl_linear` for float32, `_weight_int8pack_mm` for int8) against its own C++ micro-GEMM,
+fused with the loops around it, and keeps the faster: at 1 row mostly the micro-GEMM, at 8 rows often oneDNN.
+
+Measured on the 2-core AMD EPYC (Doge-20M, 1 thread, `bench_serve.py --compile-check`): the first version, which
+called every packed and int8 linear through the opaque op (each a trip back into Python), gained 1.38x at batch 1
+in bf16; frozen weights on ATen's kernels 1.58x; with the autotuned micro-GEMMs 2.2-2.5x (figures in
+serve/README.md).
+
+Inductor writes its own loops for the thread count torch has when it compiles: the warm-up's first, one thread
+(`threads.py` tries 1 before 2), so they run on one core; the ATen kernels it calls use the count of each step.
 
 What is compiled is `DecodeStep.layers_fn` only: the embedding lookup, RoPE's table, the final norm and the LM
 head stay eager (the head is one call, bound by its bytes, and its int8 form recomputes leading logits in NumPy,
@@ -21,10 +28,11 @@ head stay eager (the head is one call, bound by its bytes, and its int8 form rec
 inductor would need a graph of its own for.
 
 The cost is start-up and memory. Inductor compiles one program for batch 1 and one for any larger batch and key
-length (dynamic shapes; the warm-up runs both before /health answers): ~45-80 s for Doge-20M on the 2-core EPYC,
-every start (inductor's on-disk FX graph cache is bypassed when freezing; only its C++ builds are reused). The
-frozen weights are a second copy beside the eager step's (which prefill and rows past the window use): Doge-20M
-in bf16 held ~250 MiB more at its peak. It needs a C++ compiler (inductor's requirement); without one the server
+length (dynamic shapes; the warm-up runs both before /health answers), autotuning each product (~3 s each):
+~70-100 s for Doge-20M on the 2-core EPYC, every start (inductor's on-disk FX graph cache is bypassed when
+freezing; only its C++ builds are reused). The frozen weights are a second copy beside the eager step's (which
+prefill and rows past the window use), and compiling holds more: the Doge-20M servers peaked at ~880 MiB RSS
+against ~660-690 without `--compile`. It needs a C++ compiler (inductor's requirement); without one the server
 refuses to start with a one-line error saying so.
 """
 
@@ -41,6 +49,17 @@ from .fused import concat_bias
 from .quantize import Int8Linear
 
 _LAYERS: list[nn.Module] = []  # what each index of the custom op calls
+
+OPTIONS = {  # inductor's, for the layers
+    "cpp_wrapper": True,
+    "freezing": True,
+    # Every linear timed between oneDNN / MKL (ATen) and inductor's own C++ micro-GEMM for its shape and row count,
+    # the faster kept: at 1 row the micro-GEMM ran a bf16 512 x 256 product in 7 us against oneDNN's 25 (2-core EPYC).
+    "max_autotune": True,
+    "max_autotune_gemm_backends": "CPP,ATEN",
+    "autotune_num_choices_displayed": 0,  # no timing table on stderr for every shape
+    "max_autotune_report_choices_stats": False,
+}
 
 # (attribute of the step's `_Layer`, the model's linears it computes): what `float_weights` collects
 LINEARS = (("qkv_call", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
@@ -104,9 +123,10 @@ def compiler() -> str | None:
 
 
 class FrozenInt8Linear(nn.Module):
-    """An `Int8Linear` on its w8a16 kernel, written as inductor's weight-only int8 pattern (a linear on the int8
-    weight cast to the bfloat16 input's dtype, times the scales), which it lowers to the same
-    `_weight_int8pack_mm` call: the same bits as the eager layer, without a custom op around it."""
+    """An `Int8Linear` on its w8a16 kernel, written as inductor's weight-only int8 pattern (a product with the int8
+    weight cast to the bfloat16 input's dtype, times the scales), which it lowers to the `_weight_int8pack_mm` the
+    eager layer calls, or to its own micro-GEMM on the int8 weight where autotuning timed that faster: the same
+    product without a custom op around it (the micro-GEMM may sum in another order)."""
 
     def __init__(self, layer: Int8Linear):
         super().__init__()
@@ -168,7 +188,7 @@ class CompiledLayers(nn.Module):
                 setattr(view, name, linear.forward)
             self.layers.append(view)
         self._float = []
-        self._compiled = torch.compile(self._forward, dynamic=True, options={"cpp_wrapper": True, "freezing": True})
+        self._compiled = torch.compile(self._forward, dynamic=True, options=OPTIONS)
 
     def _forward(self, *args) -> torch.Tensor:
         return self._layers_fn(*args, layers=self.layers)
