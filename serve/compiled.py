@@ -29,10 +29,10 @@ inductor would need a graph of its own for.
 
 The cost is start-up and memory. Inductor compiles one program for batch 1 and one for any larger batch and key
 length (dynamic shapes; the warm-up runs both before /health answers), autotuning each product (~3 s each):
-~70-100 s for Doge-20M on the 2-core EPYC, every start (inductor's on-disk FX graph cache is bypassed when
-freezing; only its C++ builds are reused). The frozen weights are a second copy beside the eager step's (which
-prefill and rows past the window use), and compiling holds more: the Doge-20M servers peaked at ~880 MiB RSS
-against ~660-690 without `--compile`. It needs a C++ compiler (inductor's requirement); without one the server
+128-132 s of a Doge-20M server's warm-up on the 2-core EPYC (54 s for the step alone in `--compile-check`), at
+every start (inductor's on-disk FX graph cache is bypassed when freezing; only its C++ builds are reused). The
+frozen weights are a second copy beside the eager step's (which prefill and rows past the window use), and
+compiling holds more: the Doge-20M servers peaked at ~905 MiB RSS against ~655-695 without `--compile`. It needs a C++ compiler (inductor's requirement); without one the server
 refuses to start with a one-line error saying so.
 """
 
