@@ -188,7 +188,12 @@ class CompiledLayers(nn.Module):
                 setattr(view, name, linear.forward)
             self.layers.append(view)
         self._float = []
-        self._compiled = torch.compile(self._forward, dynamic=True, options=OPTIONS)
+        options = dict(OPTIONS)
+        if any(lay.moe for lay in step.layers):
+            # CDMoE: inductor (torch 2.13) fails an assertion fusing the router's reductions into a micro-GEMM's
+            # epilogue (lowering.py `len(index) == len(kept_idx)`); unfused, the same programs compile.
+            options["epilogue_fusion"] = False
+        self._compiled = torch.compile(self._forward, dynamic=True, options=options)
 
     def _forward(self, *args) -> torch.Tensor:
         return self._layers_fn(*args, layers=self.layers)

@@ -295,37 +295,41 @@ def _greedy_steps(model, step: DecodeStep, prompts: list[list[int]], new: int) -
     return produced, codes
 
 
-@pytest.mark.parametrize("kind", ["bfloat16", "int8 w8a16", "int8 mixed"])
+@pytest.mark.parametrize("kind", ["bfloat16", "bfloat16 cdmoe", "int8 w8a16", "int8 mixed"])
 def test_compiled_bf16_and_int8_layers_decode_what_the_eager_step_decodes(kind):
     """bfloat16 weights are frozen into oneDNN's packed bf16 kernel; an int8 layer whose measured table runs w8a16
     at every row count becomes inductor's weight-only int8 pattern, lowered to the same `_weight_int8pack_mm`; a
     table mixing kernels by rows keeps the opaque call (`doge_serve::linear`), which picks per call. Greedy tokens
-    equal the eager step's on the same weights, two rows together."""
+    equal the eager step's on the same weights, two rows together; CDMoE too (its router's reductions once broke
+    inductor's micro-GEMM epilogue fusion)."""
     from serve import packed_linear
     from serve.quantize import Int8Linear, available, quantize_linears
 
-    if kind == "bfloat16" and not packed_linear.available(torch.bfloat16):
+    if kind.startswith("bfloat16") and not packed_linear.available(torch.bfloat16):
         pytest.skip("this torch has no oneDNN packed bf16 linear")
     if kind.startswith("int8") and "w8a16" not in available():
         pytest.skip("no w8a16 kernel here")
-    model = random_doge(seed=4, keep_window_size=40)
+    moe = dict(is_moe=True, num_experts=64, num_experts_per_tok=4) if kind.endswith("cdmoe") else {}
+    model = random_doge(seed=4, keep_window_size=40, **moe)
     if kind.startswith("int8"):
         quantize_linears(model, keep_float=True)  # "float" is a kernel too: the mixed table below runs it
     prompts = [distinct_prompt(12, seed=20), distinct_prompt(12, seed=21)]
     steps = []
     for compile in (False, True):
         twin = copy.deepcopy(model)
-        dtype = torch.bfloat16 if kind == "bfloat16" else torch.float32
-        step = DecodeStep(twin, dtype=dtype, packed=True if kind == "bfloat16" else None, compile=compile)
+        bf16 = kind.startswith("bfloat16")
+        step = DecodeStep(twin, dtype=torch.bfloat16 if bf16 else torch.float32, packed=True if bf16 else None,
+                          compile=compile)
         table = [(1 << 30, "w8a16")] if kind == "int8 w8a16" else [(1, "w8a16"), (1 << 30, "float")]
         for layer in [m for m in twin.modules() if isinstance(m, Int8Linear)] + step.fused_layers(Int8Linear):
             layer.set_table(table)  # as the warm-up's measurement would, before the first (compiling) step
         steps.append(_greedy_steps(twin, step, prompts, 10))
     (eager, no_code), (compiled, codes) = steps
-    assert no_code == [] and len(codes) == 1  # one program, for batch 2
+    assert no_code == [] and len(codes) == 1, len(codes)  # one program, for batch 2
     assert compiled == eager
     kernels = frozen_kernels(codes[0])  # at 2 rows: oneDNN or the micro-GEMM, whichever autotuning timed faster
-    want = {"bfloat16": {"bfloat16", "micro-gemm"}, "int8 w8a16": {"int8", "micro-gemm"}, "int8 mixed": {"opaque"}}
+    want = {"bfloat16": {"bfloat16", "micro-gemm"}, "bfloat16 cdmoe": {"bfloat16", "micro-gemm"},
+            "int8 w8a16": {"int8", "micro-gemm"}, "int8 mixed": {"opaque"}}
     assert kernels & want[kind] and ("opaque" in kernels) == (kind == "int8 mixed"), kernels
 
 
