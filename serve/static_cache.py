@@ -6,7 +6,9 @@ capacity]; [slots, N, capacity] in the first SmallDoge layout, whose bias is per
 that holds no key of its slot's sequence holds the dtype minimum (transformers' masked bias), so the cached
 biases are the DMA mask as they stand and the step reads them without masking. The capacity
 grows in `CHUNK`-column steps up to the context length, so memory follows the longest live sequence, not the
-worst case. A decode step runs the slots 0..h-1 (h = highest slot in use + 1; a joining
+worst case, and always holds one column more than the keys it was grown for: a step's key length S is then never
+the tensors' full width, so the view it reads never switches between contiguous and strided, which a compiled step
+(`--compile`) guards on: at S == capacity (256 keys, say) it recompiled mid-request, ~a minute on 2 cores. A decode step runs the slots 0..h-1 (h = highest slot in use + 1; a joining
 request takes the lowest free slot, so that prefix stays short) over the key columns 0..S-1 (S = longest row + 1)
 and masks each row past its own length; free slots in the prefix compute throw-away values.
 
@@ -40,12 +42,12 @@ class SlotCache:
 
     @torch.inference_mode()
     def ensure(self, columns: int) -> None:
-        """Grow every layer's tensors to hold at least `columns` keys per slot."""
-        if columns <= self.capacity:
+        """Grow every layer's tensors to hold more than `columns` keys per slot."""
+        if columns < self.capacity:
             return
         if columns > self.max_len:
             raise ValueError(f"{columns} cached positions exceed the context length max_len={self.max_len}")
-        capacity = min(self.max_len, -(-columns // CHUNK) * CHUNK)
+        capacity = min(self.max_len + 1, -(-(columns + 1) // CHUNK) * CHUNK)  # > columns: see the module docstring
         K, H, dtype = self.step.kv_heads, self.step.head_dim, self.step.dtype
 
         def grown(old: torch.Tensor | None, shape: tuple[int, ...], fill: float = 0.0) -> torch.Tensor:

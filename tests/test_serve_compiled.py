@@ -472,3 +472,30 @@ def test_server_warms_up_before_health_answers(tiny_model_dir, tmp_path):
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] >= 1
     finally:
         server.stop()
+
+
+def test_compiled_step_does_not_recompile_when_the_cache_grows():
+    """A row decoding from 250 to 269 keys passes 256 (the cache's first chunk) inside the DMA window: the compiled
+    step keeps its one program (it once recompiled at S == capacity, a minute's stall in a server) and decodes what
+    the eager step decodes."""
+    from unittest import mock
+
+    from torch._inductor.graph import GraphLowering
+
+    model = random_doge(seed=1, keep_window_size=600)
+    prompt = distinct_prompt(250, seed=3)
+    runs = []
+    for compile in (False, True):
+        twin = copy.deepcopy(model)
+        batch = SlotBatch(DecodeStep(twin, compile=compile), slots=2, max_len=1024)
+        codes, capacities = [], set()
+        with mock.patch.object(GraphLowering, "save_output_code", codes.append):
+            prefill, logits = KVBatch(twin).prefill([prompt])
+            batch.merge(prefill)
+            tokens = [int(logits[0].argmax())]
+            for _ in range(19):
+                tokens.append(int(batch.decode([tokens[-1]])[0].argmax()))
+                capacities.add(batch.cache.capacity)
+        runs.append((tokens, len(codes), capacities))
+    (eager, _, _), (compiled, programs, capacities) = runs
+    assert capacities == {CHUNK, 2 * CHUNK} and programs == 1 and compiled == eager, (capacities, programs)
