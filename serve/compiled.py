@@ -19,8 +19,10 @@ called every packed and int8 linear through the opaque op (each a trip back into
 in bf16; frozen weights on ATen's kernels 1.58x; with the autotuned micro-GEMMs 2.2-2.5x (figures in
 serve/README.md).
 
-Inductor writes its own loops for the thread count torch has when it compiles: the warm-up's first, one thread
-(`threads.py` tries 1 before 2), so they run on one core; the ATen kernels it calls use the count of each step.
+Inductor writes its loops for the thread count torch has when it compiles, and dynamo guards on that count: the
+engine's warm-up runs every count its thread chooser tries (`threads.py`: 1 and all cores), so each gets programs
+of its own (4 on 2 cores: batch 1 and larger, per count; ~25 s each for Doge-20M on the 2-core EPYC). `--threads
+N` fixes the count, and so compiles half as many on 2 cores.
 
 What is compiled is `DecodeStep.layers_fn` only: the embedding lookup, RoPE's table, the final norm and the LM
 head stay eager (the head is one call, bound by its bytes, and its int8 form recomputes leading logits in NumPy,
@@ -28,8 +30,9 @@ head stay eager (the head is one call, bound by its bytes, and its int8 form rec
 inductor would need a graph of its own for.
 
 The cost is start-up and memory. Inductor compiles one program for batch 1 and one for any larger batch and key
-length (dynamic shapes; the warm-up runs both before /health answers), autotuning each product (~3 s each):
-128-132 s of a Doge-20M server's warm-up on the 2-core EPYC (54 s for the step alone in `--compile-check`), at
+length (dynamic shapes; the warm-up runs both, at each thread count, before /health answers), autotuning each
+product (~3 s each): 100-132 s of a Doge-20M server's warm-up on the 2-core EPYC (54 s for the step's two programs
+at one thread in `--compile-check`), at
 every start (inductor's on-disk FX graph cache is bypassed when freezing; only its C++ builds are reused). The
 frozen weights are a second copy beside the eager step's (which prefill and rows past the window use), and
 compiling holds more: the Doge-20M servers peaked at ~905 MiB RSS against ~655-695 without `--compile`. It needs a C++ compiler (inductor's requirement); without one the server
