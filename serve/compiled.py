@@ -32,11 +32,11 @@ inductor would need a graph of its own for.
 The cost is start-up and memory. Inductor compiles one program for batch 1 and one for any larger batch and key
 length (dynamic shapes; the warm-up runs both, at each thread count, before /health answers), autotuning each
 product (~3 s each): 100-132 s of a Doge-20M server's warm-up on the 2-core EPYC (54 s for the step's two programs
-at one thread in `--compile-check`), at
-every start (inductor's on-disk FX graph cache is bypassed when freezing; only its C++ builds are reused). The
+at one thread in `--compile-check`), at every start (inductor's on-disk FX graph cache is bypassed when freezing;
+only its C++ builds are reused). The
 frozen weights are a second copy beside the eager step's (which prefill and rows past the window use), and
-compiling holds more: the Doge-20M servers peaked at ~905 MiB RSS against ~655-695 without `--compile`. It needs a C++ compiler (inductor's requirement); without one the server
-refuses to start with a one-line error saying so.
+compiling holds more: the Doge-20M servers peaked at ~905 MiB RSS against ~655-695 without `--compile`. It needs a
+C++ compiler (inductor's requirement); without one the server refuses to start with a one-line error saying so.
 """
 
 from __future__ import annotations
@@ -88,8 +88,8 @@ def opaque(layer: nn.Module):
 
 
 class FrozenLinear(nn.Module):
-    """y = x W^T + b with W a dense parameter in `dtype`, x and y in the caller's dtype: what inductor freezes (its
-    own oneDNN-packed constant) when the layers are compiled."""
+    """y = x W^T + b with W a dense parameter in `dtype`, x and y in the caller's dtype: what inductor freezes into
+    a prepacked constant of its own when the layers are compiled."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype):
         super().__init__()

@@ -24,8 +24,8 @@ the call has (`Int8Linear.table`, set per layer shape by measuring both at start
   costs time: 2M rows, and a dozen more small ops (2-core EPYC, 1 thread, 8 rows: a 1024 x 256 layer 133 us against
   61 with one digit; Doge-20M's 32768 x 256 LM head 1.11 ms against 0.49). So the LM head, whose leading logits
   are recomputed in float32 (`exact_head.py`, which bounds one digit's rounding, and so two's), keeps one digit
-  (`digits`, set by `quantize_head`); the kernel choice times each layer as it runs. Offered only where the CPU has VNNI: without it fbgemm's u8 x s8 pairs
-  saturate 16-bit sums unless the input range is halved.
+  (`digits`, set by `quantize_head`); the kernel choice times each layer as it runs. Offered only where the CPU
+  has VNNI: without it fbgemm's u8 x s8 pairs saturate 16-bit sums unless the input range is halved.
 
 - "float": the layer's own float32 weight (column-major, `layout.dense_layout`) on MKL, exact. Kept only by
   `keep_float=True` (the server's `quantize_linears`), measured beside the int8 kernels, and dropped once no row

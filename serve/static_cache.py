@@ -8,9 +8,10 @@ biases are the DMA mask as they stand and the step reads them without masking. T
 grows in `CHUNK`-column steps up to the context length, so memory follows the longest live sequence, not the
 worst case, and always holds one column more than the keys it was grown for: a step's key length S is then never
 the tensors' full width, so the view it reads never switches between contiguous and strided, which a compiled step
-(`--compile`) guards on: at S == capacity (256 keys, say) it recompiled mid-request, ~a minute on 2 cores. A decode step runs the slots 0..h-1 (h = highest slot in use + 1; a joining
-request takes the lowest free slot, so that prefix stays short) over the key columns 0..S-1 (S = longest row + 1)
-and masks each row past its own length; free slots in the prefix compute throw-away values.
+(`--compile`) guards on: at S == capacity (256 keys, say) it recompiled mid-request, ~a minute on 2 cores. A
+decode step runs the slots 0..h-1 (h = highest slot in use + 1; a joining request takes the lowest free slot, so
+that prefix stays short) over the key columns 0..S-1 (S = longest row + 1) and masks each row past its own length;
+free slots in the prefix compute throw-away values.
 
 `SlotBatch` has `KVBatch`'s interface (`rows`, `merge`, `select`, `decode`), so the engine drives either one:
 prefills still run through the model's own forward (`KVBatch.prefill`), and `merge` copies their keys and values

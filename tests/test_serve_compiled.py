@@ -475,9 +475,9 @@ def test_server_warms_up_before_health_answers(tiny_model_dir, tmp_path):
 
 
 def test_compiled_step_does_not_recompile_when_the_cache_grows():
-    """A row decoding from 250 to 269 keys passes 256 (the cache's first chunk) inside the DMA window: the compiled
-    step keeps its one program (it once recompiled at S == capacity, a minute's stall in a server) and decodes what
-    the eager step decodes."""
+    """A row decoding from 250 to 269 keys passes 256 (the cache's first chunk) inside the DMA window: the
+    compiled step keeps its one program (it once recompiled at S == capacity, a minute's stall in a server) and
+    decodes what the eager step decodes."""
     from unittest import mock
 
     from torch._inductor.graph import GraphLowering
