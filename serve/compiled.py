@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import copy
 import shutil
+import types
 
 import torch
 import torch.nn.functional as F
@@ -196,7 +197,14 @@ class CompiledLayers(nn.Module):
             # CDMoE: inductor (torch 2.13) fails an assertion fusing the router's reductions into a micro-GEMM's
             # epilogue (lowering.py `len(index) == len(kept_idx)`); unfused, the same programs compile.
             options["epilogue_fusion"] = False
-        self._compiled = torch.compile(self._forward, dynamic=True, options=options)
+        # Dynamo keeps its programs, and counts recompiles against its limit (8), per code object: a copy of
+        # `_forward`'s gives each instance its own (an engine makes up to 4 programs; a second engine in the
+        # process, or a test suite, would otherwise share the first's count).
+        forward = types.FunctionType(CompiledLayers._forward.__code__.replace(), globals(), "_forward")
+        # One graph or an error: a graph break would leave pieces that dynamo recompiles per thread count and
+        # shape until its limit, then runs eagerly, a slow server that says nothing.
+        self._compiled = torch.compile(types.MethodType(forward, self), dynamic=True, fullgraph=True,
+                                       options=options)
 
     def _forward(self, *args) -> torch.Tensor:
         return self._layers_fn(*args, layers=self.layers)

@@ -40,7 +40,10 @@ for this), within a proven bound of the int8 error, so greedy decoding picks wha
 crashed on torch 2.13): other layers stay float32, and `quantize_linears` reports how many. `dt_proj` stays
 float32 too: its output decides which keys survive DMA's top-k, a discrete choice that a small error flips
 (measured on a trained tiny Doge with a 16-key window over 64 tokens: quantising `dt_proj` alone moved a logit by
-0.53), and it is 0.03 % of Doge-20M's weights.
+0.53), and it is 0.03 % of Doge-20M's weights. CDMoE's `router_gate` stays float32 for the same reason: its
+scores pick each token's experts from products of two top-k's, and it is what the bfloat16 step keeps in float32
+too (`engine.KEEP_FLOAT32`). Quantised, it was also an int8 layer that the compiled step called through the
+model's module, outside the views `compiled.py` builds.
 
 Measured error against float32: tests/test_serve_quality.py (a tiny Doge trained on stdlib prose, scored on the
 pydoc eval text) and serve/README.md.
@@ -250,7 +253,7 @@ def _bf16_next_up(x: torch.Tensor) -> torch.Tensor:
     return bits.view(torch.bfloat16)
 
 
-KEEP_FLOAT = ("dt_proj",)  # linears kept in float32 by name (see the module docstring)
+KEEP_FLOAT = ("dt_proj", "router_gate")  # linears kept in float32 by name (see the module docstring)
 
 
 def quantize_linears(model: nn.Module, keep_float: bool = False) -> tuple[int, list[str]]:
