@@ -336,6 +336,23 @@ def test_compiled_bf16_and_int8_layers_decode_what_the_eager_step_decodes(kind):
     assert kernels & want[kind] and ("opaque" in kernels) == kind.startswith("int8 mixed"), kernels
 
 
+def test_compiling_the_same_layers_again_writes_the_same_cpp():
+    """A restart compiles the same layers over new tensors. Inductor's C++ build cache is keyed by the source, so
+    the source must not name the constants' addresses (`compiled.stable_cpp_source`): the second compile, over a
+    copy of the model, writes byte for byte the first's C++, and g++ is not run again. Without the fix the two
+    differ in one header comment per constant."""
+    model = random_doge(seed=5, num_hidden_layers=1)
+    prompts = [distinct_prompt(6, seed=30), distinct_prompt(6, seed=31)]
+    sources = []
+    for _ in range(2):
+        twin = copy.deepcopy(model)
+        step = DecodeStep(twin, dtype=torch.float32, compile=True)
+        sources.append(_greedy_steps(twin, step, prompts, 3)[1])
+    first, again = sources
+    assert len(first) == 1 and "_frozen_param" in first[0]
+    assert again == first
+
+
 @pytest.mark.parametrize("rope", [None, {"rope_type": "dynamic", "factor": 4.0}, {"rope_type": "linear", "factor": 2.0}])
 def test_rope_table_is_bitwise_the_rotary_modules_output(rope):
     """The step reads cos/sin below the original context from a table of the rotary module's own output: each entry
