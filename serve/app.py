@@ -103,7 +103,7 @@ async def chat_completions(request: Request, data: ChatCompletionRequest) -> dic
     max_tokens = validate.resolve_max_tokens(
         [prompt], requested, state.config.default_max_tokens, state.engine.max_model_len, "messages"
     )
-    params = validate.sampling_params(data, max_tokens, validate.chat_logprobs(data))
+    params = validate.sampling_params(data, max_tokens, validate.chat_logprobs(data), len(state.tokenizer))
     handle = _submit(request, [prompt], params, data.n)
     include_usage = bool(data.stream_options and data.stream_options.include_usage)
     return await _answer(request, _reply(request, "chat", handle), data.stream, include_usage)
@@ -117,7 +117,7 @@ async def completions(request: Request, data: CompletionRequest) -> dict | Strea
     validate.check_echo(data.max_tokens, data.echo)
     prompts = validate.completion_prompts(state.tokenizer, data.prompt)
     max_tokens = validate.resolve_max_tokens(prompts, data.max_tokens, 16, state.engine.max_model_len, "prompt")
-    params = validate.sampling_params(data, max_tokens, data.logprobs)
+    params = validate.sampling_params(data, max_tokens, data.logprobs, len(state.tokenizer))
     echoed = await state.scorer.echo(prompts, data.logprobs) if data.echo else None
     if max_tokens == 0:
         validate.check_choices(len(prompts) * data.n, state.engine.max_batch)

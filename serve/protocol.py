@@ -3,7 +3,10 @@
 Litestar decodes and range-checks these (the `Meta` bounds below are also what /schema documents); a violation
 becomes a 400 in OpenAI's error shape (see errors.py). Fields OpenAI defines but this server does not use
 (`user`, `logit_bias`, `tools`, ...) are simply not declared: msgspec ignores unknown fields, as OpenAI's own
-servers ignore fields they do not know.
+servers ignore fields they do not know. Fields that would change what is generated and that this server cannot
+honour (`response_format` other than text, `tools`, `suffix`, `best_of` above `n`, non-text content parts) are
+declared so that a request using them gets a 400 naming the field (validate.py), not an answer that silently
+ignored it.
 
 Beyond OpenAI: `top_k`, `min_p`, `repetition_penalty`, `min_tokens` and `ignore_eos` (vLLM's names).
 """
@@ -25,6 +28,9 @@ MaxTokens = Annotated[int, Meta(ge=1, description="Most tokens to generate.")]
 N = Annotated[int, Meta(ge=1, le=16, description="Choices to generate for each prompt.")]
 Seed = Annotated[int, Meta(ge=-(2**63), le=2**63 - 1, description="Same seed and request, same output.")]
 Stop = str | Annotated[list[str], Meta(max_length=16)]
+Bias = Annotated[float, Meta(ge=-100.0, le=100.0)]
+LogitBias = Annotated[dict[str, Bias], Meta(max_length=300, description="Token id (as a string) -> bias added "
+                                            "to its logit before sampling, in [-100, 100]; OpenAI's.")]
 
 
 class StreamOptions(Struct, kw_only=True):
@@ -68,6 +74,8 @@ class _SamplingFields(Struct, kw_only=True):
     stream_options: StreamOptions | None = None
     min_tokens: Annotated[int, Meta(ge=0)] = 0
     ignore_eos: bool = False
+    logit_bias: LogitBias | None = None
+    response_format: dict[str, Any] | None = None  # only {"type": "text"} (validate.check_unsupported)
 
 
 class ChatCompletionRequest(_SamplingFields, kw_only=True):
@@ -75,6 +83,8 @@ class ChatCompletionRequest(_SamplingFields, kw_only=True):
     max_completion_tokens: MaxTokens | None = None
     logprobs: bool = False
     top_logprobs: Annotated[int, Meta(ge=0, le=20)] | None = None
+    tools: list[Any] | None = None  # only empty, or with tool_choice "none" (validate.check_unsupported)
+    tool_choice: Any = None
 
 
 class CompletionRequest(_SamplingFields, kw_only=True):
@@ -85,6 +95,8 @@ class CompletionRequest(_SamplingFields, kw_only=True):
     max_tokens: Annotated[int, Meta(ge=0, description="Tokens to generate; 0 with echo: score only.")] | None = None
     logprobs: Annotated[int, Meta(ge=0, le=5)] | None = None
     echo: bool = False  # with logprobs: the prompt's tokens and their logprobs come first (the first one null)
+    suffix: str | None = None  # only empty (validate.check_unsupported)
+    best_of: Annotated[int, Meta(ge=1)] | None = None  # only <= n: each choice is returned
 
 
 class TokenizeRequest(Struct, kw_only=True):

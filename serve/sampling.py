@@ -33,6 +33,7 @@ class RequestSampling:
     logprobs: int | None = None  # None: off; k: the chosen token's logprob plus k alternatives
     ignore_eos: bool = False  # benchmarks: always produce max_tokens
     min_tokens: int = 0
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias added to its logit), OpenAI's logit_bias
 
 
 @dataclass
@@ -58,7 +59,8 @@ def make_generator(seed: int | None, offset: int = 0) -> torch.Generator:
 def _edits(row: RowState, eos_ids: list[int]) -> tuple[bool, bool]:
     """(penalised, eos masked): whether `_apply_penalties` changes this row's logits."""
     p = row.params
-    penalised = p.repetition_penalty != 1.0 or bool((p.presence_penalty or p.frequency_penalty) and row.output_ids)
+    penalised = (p.repetition_penalty != 1.0 or bool(p.logit_bias)
+                 or bool((p.presence_penalty or p.frequency_penalty) and row.output_ids))
     return penalised, bool(eos_ids) and (p.ignore_eos or len(row.output_ids) < p.min_tokens)
 
 
@@ -80,6 +82,9 @@ def _apply_penalties(logits: torch.Tensor, rows: list[RowState], eos_ids: list[i
         if (p.presence_penalty or p.frequency_penalty) and row.output_ids:
             counts = torch.bincount(torch.tensor(row.output_ids), minlength=logits.shape[-1])[: logits.shape[-1]]
             logits[i] -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0)
+        if p.logit_bias:  # after the penalties, as OpenAI documents: added to the logits before sampling
+            ids, biases = zip(*p.logit_bias)
+            logits[i, list(ids)] += torch.tensor(biases, dtype=logits.dtype)
     if masked:
         logits[torch.tensor(masked)[:, None], torch.tensor(eos_ids)[None, :]] = float("-inf")
 

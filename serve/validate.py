@@ -101,7 +101,43 @@ def check_echo(max_tokens: int | None, echo: bool) -> None:
         raise invalid("max_tokens", 0, "must be >= 1; 0 is only allowed with 'echo': true (scoring the prompt)")
 
 
-def sampling_params(req: ChatCompletionRequest | CompletionRequest, max_tokens: int, logprobs: int | None):
+def check_unsupported(req: ChatCompletionRequest | CompletionRequest) -> None:
+    """400 for a field whose value would change the answer in a way this server cannot do."""
+    fmt = req.response_format
+    if fmt is not None and fmt.get("type", "text") != "text":
+        raise invalid("response_format", fmt, "only {\"type\": \"text\"}: this server has no constrained decoding; "
+                      "omit it and ask for JSON in the prompt")
+    if isinstance(req, ChatCompletionRequest):
+        if req.tools and req.tool_choice != "none":
+            raise invalid("tools", [t.get("function", {}).get("name") if isinstance(t, dict) else t for t in req.tools],
+                          "this server has no tool calling; omit 'tools' or set 'tool_choice': \"none\"")
+        for i, message in enumerate(req.messages):
+            for j, part in enumerate(message.content if isinstance(message.content, list) else []):
+                if part.type != "text":
+                    raise invalid(f"messages[{i}].content[{j}].type", part.type,
+                                  "only \"text\" parts: this model reads text only")
+    else:
+        if req.suffix:
+            raise invalid("suffix", req.suffix, "this server does not insert text after the completion; omit it")
+        if req.best_of is not None and req.best_of > req.n:
+            raise invalid("best_of", req.best_of, f"at most n={req.n}: this server returns every choice it "
+                          "generates; ask for n choices instead")
+
+
+def logit_bias(req: ChatCompletionRequest | CompletionRequest, vocab: int) -> tuple[tuple[int, float], ...]:
+    """OpenAI's {"token id": bias} as sorted (id, bias) pairs, each id checked against the vocabulary."""
+    biases: dict[int, float] = {}
+    for key, bias in (req.logit_bias or {}).items():
+        token = int(key) if key.strip().lstrip("-").isdigit() else None
+        if token is None or not 0 <= token < vocab:
+            raise invalid(f"logit_bias[{key!r}]", key, f"expected a token id in [0, {vocab}), as a string")
+        biases[token] = biases.get(token, 0.0) + float(bias)  # "5" and "05" name one token
+    return tuple(sorted(biases.items()))
+
+
+def sampling_params(req: ChatCompletionRequest | CompletionRequest, max_tokens: int, logprobs: int | None,
+                    vocab: int) -> RequestSampling:
+    check_unsupported(req)
     stop = req.stop if isinstance(req.stop, list) else ([req.stop] if req.stop else [])
     return RequestSampling(
         max_tokens=max_tokens,
@@ -117,6 +153,7 @@ def sampling_params(req: ChatCompletionRequest | CompletionRequest, max_tokens: 
         logprobs=logprobs,
         ignore_eos=req.ignore_eos,
         min_tokens=min(req.min_tokens, max_tokens),
+        logit_bias=logit_bias(req, vocab),
     )
 
 

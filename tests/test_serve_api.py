@@ -156,6 +156,24 @@ def test_logprobs(client):
     assert plain.choices[0].logprobs is None
 
 
+def test_logit_bias_steers_sampled_and_greedy_tokens(client, server):
+    """OpenAI's logit_bias is added to the logits before sampling: +100 makes a token every choice, sampled or
+    greedy; -100 takes the greedy leader's +100 back."""
+    def text(tokens):
+        return httpx.post(server.url + "/detokenize", json={"tokens": tokens}, timeout=30).json()["prompt"]
+
+    def ask(bias, **kwargs):
+        return client.completions.create(model=MODEL, prompt="abc", max_tokens=5, logit_bias=bias,
+                                         extra_body=EXACT, **kwargs).choices[0].text
+
+    assert ask({"60": 100}, temperature=1.0, seed=4) == text([60] * 5)
+    both = ask({"60": 100, "61": 100}, temperature=0)  # both lead by ~100: the model's own logits decide
+    first = 60 if both.startswith(text([60])) else 61
+    other = 121 - first
+    # "060" names the same token as "60": their biases add up, 100 - 100, and the other one wins every step
+    assert ask({"60": 100, "61": 100, f"0{first}": -100}, temperature=0) == text([other] * 5)
+
+
 def test_sampling_options_accepted(client):
     r = client.chat.completions.create(
         model=MODEL, messages=[{"role": "system", "content": "Be brief."}, *HELLO], max_tokens=8,

@@ -110,6 +110,19 @@ def test_filters_restrict_the_support():
     assert sample(logits, [RowState(p, make_generator(0), [])], eos_ids=[0]).token_ids == [1]
 
 
+def test_logit_bias_is_added_to_its_row_before_sampling():
+    """OpenAI's logit_bias, per row: -100 bans the leader (greedy takes the runner-up), +100 makes a token certain
+    when sampled at temperature 1, and a row without a bias keeps its own argmax."""
+    logits = torch.randn(3, 64, generator=torch.Generator().manual_seed(2))
+    leader, runner_up = logits[0].topk(2).indices.tolist()
+    params = [RequestSampling(max_tokens=1, temperature=0.0, logit_bias=((leader, -100.0),)),
+              RequestSampling(max_tokens=1, temperature=1.0, logit_bias=((3, 100.0), (4, -5.0))),
+              RequestSampling(max_tokens=1, temperature=0.0)]
+    for seed in range(5):
+        rows = [RowState(p, make_generator(seed), [1]) for p in params]
+        assert sample(logits, rows, eos_ids=[]).token_ids == [runner_up, 3, int(logits[2].argmax())]
+
+
 def test_penalties_and_eos_masks_touch_only_their_rows_and_a_copy_unless_inplace():
     """Rows 0 and 2 may not stop yet (ignore_eos, min_tokens), row 1 has a repetition penalty, row 3 nothing: the
     same tokens whether `sample` edits a copy or, `inplace`, the logits themselves (the engine's own step output),
