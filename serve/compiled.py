@@ -31,9 +31,12 @@ inductor would need a graph of its own for.
 
 The cost is start-up and memory. Inductor compiles one program for batch 1 and one for any larger batch and key
 length (dynamic shapes; the warm-up runs both, at each thread count, before /health answers), autotuning each
-product (~3 s each): 100-132 s of a Doge-20M server's warm-up on the 2-core EPYC (54 s for the step's two programs
-at one thread in `--compile-check`), at every start (inductor's on-disk FX graph cache is bypassed when freezing;
-only its C++ builds are reused). The
+product (~3 s each): 100-132 s of a Doge-20M server's first warm-up on the 2-core EPYC (54 s for the step's two
+programs at one thread in `--compile-check`). Later starts reuse what inductor keeps on disk: its autotuning
+timings, and the C++ builds once `stable_cpp_source` keeps the constants' addresses out of the source (the two
+1-thread programs: 53 -> 38 s). Not its FX graph cache: the frozen oneDNN-packed weights cannot be pickled, so
+inductor bypasses it, and dynamo, AOT autograd, freezing and lowering run at every start. A build is reused when
+a start's own measurements (`linear_choice`, the int8 tables) pick the kernels an earlier start picked. The
 frozen weights are a second copy beside the eager step's (which prefill and rows past the window use), and
 compiling holds more: the Doge-20M servers peaked at ~905 MiB RSS against ~655-695 without `--compile`. It needs a
 C++ compiler (inductor's requirement); without one the server refuses to start with a one-line error saying so.

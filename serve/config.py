@@ -21,8 +21,8 @@ class ServeConfig:
     threads: int | None = None  # torch intra-op threads; None: every usable core (OpenMP waits passively)
     decode_path: str = "static"  # "static": slot cache + hand-written step (faster); "dynamic": the model's forward
     quantize: str | None = None  # "int8": int8 linears and LM head, kernels chosen by measurement at start-up
-    # The static step's layers through torch.compile (serve/compiled.py): faster steps, a slower start (about
-    # two minutes on 2 cores, every time), a C++ compiler needed.
+    # The static step's layers through torch.compile (serve/compiled.py): faster steps, a slower start (1.5-2
+    # minutes on 2 cores, ~80 s once inductor's caches hold its builds), a C++ compiler needed.
     compile: bool = False
     default_max_tokens: int | None = None  # chat default when the request sets none; None = rest of the context
     # Run the modeling code a model folder ships (config.json `auto_map`), as the first-layout SmallDoge exports

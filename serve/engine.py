@@ -275,8 +275,8 @@ class Engine:
         compiling = self._step is not None and self._step.compiled_layers is not None
         log.info("warming up the %s decode path (max_batch=%d%s%s)...", self.decode_path, self.max_batch,
                  ", int8" if self.quantize else "",
-                 ", compiling its layers with torch.compile: about two minutes on 2 cores, at every start"
-                 if compiling else "")
+                 ", compiling its layers with torch.compile: 1.5-2 minutes on 2 cores, less once inductor's caches "
+                 "hold them" if compiling else "")
         layers = [m for m in self.model.modules() if isinstance(m, Int8Linear)]  # --quantize int8, or a bf16 head
         other_bytes = 0  # the step's other weights, read between samples as a step reads them between two calls
         if self._step is not None:
