@@ -1,8 +1,8 @@
 """Request bodies of the OpenAI-compatible API, as msgspec Structs.
 
 Litestar decodes and range-checks these (the `Meta` bounds below are also what /schema documents); a violation
-becomes a 400 in OpenAI's error shape (see errors.py). Fields OpenAI defines but this server does not use
-(`user`, `logit_bias`, `tools`, ...) are simply not declared: msgspec ignores unknown fields, as OpenAI's own
+becomes a 400 in OpenAI's error shape (see errors.py). Fields OpenAI defines that do not change what is generated
+(`user`, `metadata`, `store`, ...) are simply not declared: msgspec ignores unknown fields, as OpenAI's own
 servers ignore fields they do not know. Fields that would change what is generated and that this server cannot
 honour (`response_format` other than text, `tools`, `suffix`, `best_of` above `n`, non-text content parts) are
 declared so that a request using them gets a 400 naming the field (validate.py), not an answer that silently
