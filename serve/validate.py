@@ -24,7 +24,8 @@ def check_model(requested: str | None, served: str) -> None:
 
 
 def chat_prompt(tokenizer, messages: list[ChatMessage], add_generation_prompt: bool = True) -> list[int]:
-    """Render `messages` with the model's chat template and tokenize; 400 when the model has none."""
+    """Render `messages` with the model's chat template and tokenize; 400 when the model has none, or for a
+    content part that is not text (an image would otherwise be dropped without a word)."""
     if not getattr(tokenizer, "chat_template", None):
         raise APIError(
             400,
@@ -32,6 +33,11 @@ def chat_prompt(tokenizer, messages: list[ChatMessage], add_generation_prompt: b
             param="messages",
             code="chat_template_missing",
         )
+    for i, message in enumerate(messages):  # chat completions and /tokenize alike
+        for j, part in enumerate(message.content if isinstance(message.content, list) else []):
+            if part.type != "text":
+                raise invalid(f"messages[{i}].content[{j}].type", part.type, "only \"text\" parts: this model reads "
+                              "text only")
     conversation = [{"role": m.role, "content": m.text()} for m in messages]
     try:
         text = tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=add_generation_prompt)
@@ -111,11 +117,6 @@ def check_unsupported(req: ChatCompletionRequest | CompletionRequest) -> None:
         if req.tools and req.tool_choice != "none":
             raise invalid("tools", [t.get("function", {}).get("name") if isinstance(t, dict) else t for t in req.tools],
                           "this server has no tool calling; omit 'tools' or set 'tool_choice': \"none\"")
-        for i, message in enumerate(req.messages):
-            for j, part in enumerate(message.content if isinstance(message.content, list) else []):
-                if part.type != "text":
-                    raise invalid(f"messages[{i}].content[{j}].type", part.type,
-                                  "only \"text\" parts: this model reads text only")
     else:
         if req.suffix:
             raise invalid("suffix", req.suffix, "this server does not insert text after the completion; omit it")

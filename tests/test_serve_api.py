@@ -200,6 +200,9 @@ def test_models_health_metrics_tokenize_schema(client, server):
     assert back["prompt"] == "hello world"
     chat = httpx.post(server.url + "/tokenize", json={"messages": HELLO}).json()
     assert chat["count"] > tokens["count"]
+    image = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "http://127.0.0.1/x.png"}}]}]
+    refused = httpx.post(server.url + "/tokenize", json={"messages": image})  # counted as text it would be empty
+    assert refused.status_code == 400 and refused.json()["error"]["param"] == "messages[0].content[0].type"
     schema = httpx.get(server.url + "/schema/openapi.json").json()
     post = schema["paths"]["/v1/chat/completions"]["post"]
     assert "requestBody" in post and "/v1/completions" in schema["paths"]
